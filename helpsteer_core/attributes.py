@@ -1,0 +1,198 @@
+"""The attribute schema and the one attribute-string format.
+
+The schema is a single versioned object (names, order, range). It is written beside every model
+and dataset we produce (`attribute_schema.json`) and checked when they are read back, so a model
+trained on one set of attributes is never silently used with another.
+
+The attribute string is what SteerLM puts after `<extra_id_2>` in the prompt:
+`helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2`. `format_attributes` and
+`parse_attributes` are the only code that writes or reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_FILE = "attribute_schema.json"
+
+# NeMo-Aligner's order: the OpenAssistant four, then the HelpSteer five.
+NEMO_ATTRIBUTES: tuple[str, ...] = (
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+)
+HELPSTEER_ATTRIBUTES: tuple[str, ...] = NEMO_ATTRIBUTES[4:]
+
+
+class AttributeValueError(ValueError):
+    """An attribute name or value that the schema does not allow."""
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    """Names (in order) and the inclusive integer range of every attribute."""
+
+    name: str
+    version: int
+    names: tuple[str, ...]
+    low: int = 0
+    high: int = 4
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"attribute schema {self.name}: duplicate names in {self.names}")
+        if not self.names:
+            raise ValueError(f"attribute schema {self.name}: no attribute names")
+        if self.low >= self.high:
+            raise ValueError(f"attribute schema {self.name}: low {self.low} >= high {self.high}")
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-v{self.version}"
+
+    def allowed(self) -> str:
+        return f"an integer in {self.low}..{self.high}"
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise AttributeValueError(
+                f"unknown attribute {name!r}; allowed: {', '.join(self.names)}"
+            ) from None
+
+    def subset(self, names: tuple[str, ...] | list[str], name: str) -> AttributeSchema:
+        """A schema called `name` with `names` only, kept in this schema's order."""
+        for n in names:
+            self.index(n)
+        ordered = tuple(n for n in self.names if n in set(names))
+        return AttributeSchema(name, self.version, ordered, self.low, self.high)
+
+    def check_value(self, name: str, value: object) -> int:
+        """Return `value` as an int, or raise naming the attribute, the value and the range.
+
+        Integral floats (3.0, as pandas writes integers next to missing values) are accepted;
+        3.5, booleans, strings and values outside the range are not. Nothing is rounded or clamped.
+        """
+        self.index(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AttributeValueError(
+                f"attribute {name!r} = {value!r} is not a number; allowed: {self.allowed()}"
+            )
+        if isinstance(value, float) and not value.is_integer():
+            raise AttributeValueError(
+                f"attribute {name!r} = {value!r} is not an integer; allowed: {self.allowed()}"
+            )
+        as_int = int(value)
+        if not self.low <= as_int <= self.high:
+            raise AttributeValueError(
+                f"attribute {name!r} = {value!r} is outside the range; allowed: {self.allowed()}"
+            )
+        return as_int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "attributes": list(self.names),
+            "range": [self.low, self.high],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], where: str = "schema") -> AttributeSchema:
+        try:
+            low, high = data["range"]  # type: ignore[misc]
+            return cls(
+                name=str(data["name"]),
+                version=int(data["version"]),  # type: ignore[call-overload]
+                names=tuple(data["attributes"]),  # type: ignore[arg-type]
+                low=int(low),
+                high=int(high),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{where}: not an attribute schema ({exc}); expected keys name, version, "
+                "attributes, range"
+            ) from exc
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SCHEMA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def check_compatible(self, other: AttributeSchema, where: str) -> None:
+        """Raise unless `other` (read from `where`) is this schema."""
+        if other != self:
+            raise ValueError(
+                f"{where}: attribute schema {other.id} {list(other.names)} range "
+                f"{other.low}..{other.high} does not match the expected {self.id} "
+                f"{list(self.names)} range {self.low}..{self.high}"
+            )
+
+
+STEERLM = AttributeSchema("steerlm", 1, NEMO_ATTRIBUTES)
+HELPSTEER = STEERLM.subset(HELPSTEER_ATTRIBUTES, name="helpsteer")
+
+
+def load_schema(directory: str | Path) -> AttributeSchema:
+    """Read `attribute_schema.json` from a model or dataset folder."""
+    path = Path(directory) / SCHEMA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no attribute schema; was this folder written by helpsteer?")
+    return AttributeSchema.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def load_and_check_schema(directory: str | Path, expected: AttributeSchema) -> AttributeSchema:
+    found = load_schema(directory)
+    expected.check_compatible(found, where=str(Path(directory) / SCHEMA_FILE))
+    return found
+
+
+def format_attributes(values: Mapping[str, int | None], schema: AttributeSchema = STEERLM) -> str:
+    """`{"verbosity": 2, "helpfulness": 4}` -> `helpfulness:4,verbosity:2` (schema order).
+
+    Attributes that are missing or None are left out; every value is checked, never clamped.
+    """
+    for name in values:
+        schema.index(name)
+    parts = []
+    for name in schema.names:
+        value = values.get(name)
+        if value is not None:
+            parts.append(f"{name}:{schema.check_value(name, value)}")
+    return ",".join(parts)
+
+
+def parse_attributes(text: str, schema: AttributeSchema = STEERLM) -> dict[str, int]:
+    """The inverse of `format_attributes`. Rejects unknown names, duplicates and bad values."""
+    result: dict[str, int] = {}
+    if text.strip() == "":
+        return result
+    for part in text.split(","):
+        name, sep, raw = part.partition(":")
+        name = name.strip()
+        if not sep:
+            raise AttributeValueError(
+                f"attribute string {text!r}: {part!r} is not name:value; "
+                f"expected e.g. {format_attributes({n: 2 for n in schema.names[:2]}, schema)}"
+            )
+        if name in result:
+            raise AttributeValueError(f"attribute string {text!r}: {name!r} appears twice")
+        raw = raw.strip()
+        if not raw.lstrip("-").isdigit():
+            raise AttributeValueError(
+                f"attribute string {text!r}: {name!r} = {raw!r} is not an integer; "
+                f"allowed: {schema.allowed()}"
+            )
+        result[name] = schema.check_value(name, int(raw))
+    return result
