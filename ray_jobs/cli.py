@@ -1,0 +1,120 @@
+"""The `helpsteer` command: every stage, run locally, with the same code as the Ray jobs.
+
+    helpsteer synth --rows 2000 --seed 1 --out data/synth
+    helpsteer filter --data data/synth --out runs/filtered
+    helpsteer run --config configs/local.yaml
+    helpsteer ui
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from helpsteer_core.config import ConfigError, load_config, resolve_path
+from helpsteer_core.readers import SourceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of the stage")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)"),
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output folder (JSON Lines shards + manifest.json)")],
+    rows: Annotated[int, typer.Option(min=1, help="Number of rows")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same rows")] = 1,
+) -> None:
+    """Write the deterministic synthetic HelpSteer dataset with planted attribute signals."""
+    from helpsteer_core.synthetic import write_synthetic
+
+    try:
+        files = write_synthetic(resolve_path(out), rows=rows, seed=seed)
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {rows} rows in {len(files)} file(s) to {resolve_path(out)}")
+
+
+@app.command("filter")
+def filter_(
+    data: Annotated[Optional[str], typer.Option(help="File, folder, hf:ID or owner/name")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate, filter, de-duplicate and split a dataset (Ray Data)."""
+    from ray_jobs import filter_data
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data={data}")
+    if out is not None:
+        overrides.append(f"out={out}")
+    _setup_logging()
+    try:
+        cfg = load_config(filter_data.FilterStageConfig, config, overrides)
+        filter_data.run(cfg)
+    except (ConfigError, SourceError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline profile")] = Path("configs/local.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline (the stages that exist so far) under one MLflow run."""
+    from ray_jobs import pipeline
+
+    _setup_logging()
+    try:
+        cfg = load_config(pipeline.PipelineConfig, config, list(set_ or []))
+        pipeline.run(cfg)
+    except (ConfigError, SourceError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def ui(
+    runs_dir: Annotated[Path, typer.Option(help="Runs folder holding mlflow.db")] = Path("runs"),
+    host: Annotated[str, typer.Option(help="Bind address; 127.0.0.1 keeps it off the network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 5000,
+) -> None:
+    """Start the MLflow UI on the runs database."""
+    from ray_jobs.tracking import TrackingConfig
+
+    tracking = TrackingConfig(runs_dir=str(runs_dir))
+    db = resolve_path(runs_dir) / "mlflow.db"
+    if not db.exists():
+        _fail(FileNotFoundError(f"{db}: no MLflow database yet; run a stage first"))
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", tracking.uri(),
+        "--default-artifact-root", tracking.artifact_root(),
+        "--host", host, "--port", str(port),
+    ]
+    typer.echo(f"MLflow UI on http://{host}:{port} for {db}")
+    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    app()

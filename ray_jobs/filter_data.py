@@ -1,0 +1,265 @@
+"""Filtering stage: validate, filter, de-duplicate and split a HelpSteer-style dataset on Ray Data.
+
+    python -m ray_jobs.filter_data --config configs/filter_data.yaml [key=value ...]
+    helpsteer filter --data SRC --out DIR
+    ray job submit --working-dir . -- python -m ray_jobs.filter_data --config configs/filter_data.yaml
+
+Writes, under `out`:
+    train/, validation/   kept rows (Parquet): prompt, response, the attribute columns the data
+                          has, every extra input column untouched, input_file and input_line
+    filtered/             valid rows a filter removed (Parquet), with `filter` and `reason`
+    rejects/              unusable rows (JSON Lines): input_file, input_line, field, reason, raw
+    stats.json            counts per file and in total: input rows = kept + filtered + rejected
+    config.yaml, attribute_schema.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from helpsteer_core.attributes import STEERLM
+from helpsteer_core.config import StrictModel, dump_config, load_config, resolve_path
+from helpsteer_core.filters import (
+    FILTER_NAMES,
+    FILTERED,
+    KEPT,
+    REJECTED,
+    FilterConfig,
+    SplitConfig,
+    assess_rows,
+    find_duplicates,
+)
+from helpsteer_core.model_sources import count_tokens, load_tokenizer
+from helpsteer_core.readers import HF_PREFIX, Shard, SourceError, iter_raw_rows, resolve_source
+from ray_jobs.runtime import ensure_ray, quiet_ray_data
+from ray_jobs.tracking import TrackingConfig, stage_run
+
+log = logging.getLogger("helpsteer.filter_data")
+SCHEMA = STEERLM
+SPLITS = ("train", "validation")
+OUTPUT_FOLDERS = (*SPLITS, "filtered", "rejects")
+
+
+class FilterStageConfig(StrictModel):
+    """The filtering stage."""
+
+    data: str  # a file, a folder, hf:ID or owner/name (see helpsteer_core.readers)
+    out: str  # output folder; replaced as a whole when the stage succeeds
+    hf_split: str = "train"  # which split of a Hugging Face dataset to read
+    filters: FilterConfig = FilterConfig()
+    split: SplitConfig = SplitConfig()
+    batch_size: int = 1024
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(iter_raw_rows(Shard(**item)))
+
+
+def _assess(batch: pa.Table, filters: FilterConfig, split: SplitConfig) -> pa.Table:
+    # A plain task, not an actor pool: actors would hold every CPU of a small machine and starve
+    # the read tasks. The tokenizer is cached per worker process (Ray reuses workers).
+    tokenizer = load_tokenizer(filters.tokenizer)
+    return assess_rows(
+        batch.to_pylist(), filters, split, lambda texts: count_tokens(tokenizer, texts), SCHEMA
+    )
+
+
+def _mark_duplicates(batch: pa.Table, drop: set[tuple[int, int]]) -> pa.Table:
+    if not drop:
+        return batch
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["status"] == KEPT and (row["input_order"], row["input_line"]) in drop:
+            row.update(status=FILTERED, filter="duplicate", split="", reason="same prompt and response as an earlier row")
+    return pa.Table.from_pylist(rows, schema=batch.schema)
+
+
+def _output_rows(batch: pa.Table, attributes: list[str], extra_keys: list[str], with_filter: bool) -> pa.Table:
+    """Kept or filtered rows in their published shape: extras expanded back into columns."""
+    columns: dict[str, Any] = {
+        "prompt": batch.column("prompt"),
+        "response": batch.column("response"),
+        **{name: batch.column(name) for name in attributes},
+    }
+    extras = [json.loads(text) for text in batch.column("extra_json").to_pylist()]
+    for key in extra_keys:
+        values = [e.get(key) for e in extras]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed types in one extra column: keep every value, as its JSON text.
+            columns[key] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+    columns["input_file"] = batch.column("input_file")
+    columns["input_line"] = batch.column("input_line")
+    if with_filter:
+        columns["filter"] = batch.column("filter")
+        columns["reason"] = batch.column("reason")
+    return pa.table(columns)
+
+
+def _merge_keys(key_lists: list[str]) -> list[str]:
+    merged: list[str] = []
+    for text in sorted(key_lists):
+        for key in json.loads(text):
+            if key not in merged:
+                merged.append(key)
+    return merged
+
+
+def _count(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    filtered = Counter(r["filter"] for r in rows if r["status"] == FILTERED)
+    rejected = Counter(r["field"] for r in rows if r["status"] == REJECTED)
+    kept = Counter(r["split"] for r in rows if r["status"] == KEPT)
+    counts = {
+        "input_rows": len(rows),
+        "kept": sum(kept.values()),
+        "train": kept.get("train", 0),
+        "validation": kept.get("validation", 0),
+        "filtered": sum(filtered.values()),
+        "filtered_by": {name: filtered.get(name, 0) for name in FILTER_NAMES},
+        "rejected": sum(rejected.values()),
+        "rejected_by_field": dict(sorted(rejected.items())),
+    }
+    counts["reconciles"] = counts["input_rows"] == counts["kept"] + counts["filtered"] + counts["rejected"]
+    return counts
+
+
+def compute_stats(summary: list[dict[str, Any]], shards: list[Shard]) -> dict[str, Any]:
+    by_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in summary:
+        by_file[row["input_file"]].append(row)
+    files = {shard.label: _count(by_file.get(shard.label, [])) for shard in shards}
+    return {"total": _count(summary), "files": files}
+
+
+def run(config: FilterStageConfig) -> dict[str, Any]:
+    """Run the stage; returns the stats written to `out/stats.json`."""
+    started = time.perf_counter()
+    local = resolve_path(config.data)
+    # Hub ids and hf: sources are not paths; a local path is made absolute for Ray's workers.
+    source = str(local) if not config.data.startswith(HF_PREFIX) and local.exists() else config.data
+    shards = resolve_source(source, config.hf_split)  # fails fast, naming the path
+    out = resolve_path(config.out)
+    log.info("filter: %d shard(s) from %s -> %s", len(shards), source, out)
+    ensure_ray()
+    quiet_ray_data()
+    with stage_run("filter_data", config, config.tracking, SCHEMA, {"data": source}) as tracked:
+        assessed = (
+            ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
+            .flat_map(_read_shard)
+            .map_batches(
+                _assess,
+                fn_kwargs={"filters": config.filters, "split": config.split},
+                batch_format="pyarrow",
+                batch_size=config.batch_size,
+            )
+            .materialize()
+        )
+        drop: set[tuple[int, int]] = set()
+        if config.filters.drop_duplicates:
+            kept_keys = assessed.filter(expr=f"status == '{KEPT}'").select_columns(
+                ["dedup_key", "input_order", "input_line"]
+            )
+            drop = find_duplicates(
+                (r["dedup_key"], r["input_order"], r["input_line"]) for r in kept_keys.iter_rows()
+            )
+        final = assessed.map_batches(
+            _mark_duplicates, fn_kwargs={"drop": drop}, batch_format="pyarrow"
+        ).materialize()
+        summary_columns = ["input_file", "status", "filter", "field", "split", "extra_keys", *SCHEMA.names]
+        summary = final.select_columns(summary_columns).take_all()
+        stats = compute_stats(summary, shards)
+        valid = [r for r in summary if r["status"] != REJECTED]
+        attributes = [a for a in SCHEMA.names if any(r[a] is not None for r in valid)]
+        extra_keys = _merge_keys(sorted({r["extra_keys"] for r in valid}))
+
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in OUTPUT_FOLDERS:
+            (staging / name).mkdir(parents=True)
+        for split_name in SPLITS:
+            _write_parquet(
+                final.filter(expr=f"status == '{KEPT}' and split == '{split_name}'"),
+                staging / split_name, attributes, extra_keys, with_filter=False,
+            )
+        _write_parquet(
+            final.filter(expr=f"status == '{FILTERED}'"), staging / "filtered", attributes, extra_keys, with_filter=True
+        )
+        rejects = final.filter(expr=f"status == '{REJECTED}'").select_columns(
+            ["input_file", "input_line", "field", "reason", "raw"]
+        )
+        if stats["total"]["rejected"]:
+            rejects.write_json(str(staging / "rejects"))
+
+        elapsed = time.perf_counter() - started
+        stats.update(
+            source=source,
+            attributes=attributes,
+            extra_columns=extra_keys,
+            attribute_schema=SCHEMA.to_dict(),
+            seconds=round(elapsed, 3),
+            rows_per_second=round(stats["total"]["input_rows"] / elapsed, 1),
+        )
+        (staging / "config.yaml").write_text(dump_config(config))
+        SCHEMA.save(staging)
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        _publish(staging, out)
+        tracked.log_metrics(stats["total"])
+        tracked.log_metrics({"rows_per_second": stats["rows_per_second"]})
+        tracked.log_outputs({"stats.json": out / "stats.json", "rejects": out / "rejects", "out": out})
+    total = stats["total"]
+    log.info(
+        "filter: %d rows in %.1fs: kept %d (train %d, validation %d), filtered %d %s, rejected %d -> %s",
+        total["input_rows"], elapsed, total["kept"], total["train"], total["validation"],
+        total["filtered"], total["filtered_by"], total["rejected"], out,
+    )
+    if total["rejected"]:
+        log.warning("filter: %d rejected rows, with reasons, in %s", total["rejected"], out / "rejects")
+    return stats
+
+
+def _write_parquet(ds: ray.data.Dataset, folder: Path, attributes: list[str], extra_keys: list[str], with_filter: bool) -> None:
+    ds.map_batches(
+        _output_rows,
+        fn_kwargs={"attributes": attributes, "extra_keys": extra_keys, "with_filter": with_filter},
+        batch_format="pyarrow",
+    ).write_parquet(str(folder))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished output into place; a failed run never leaves a half-written `out`."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.filter_data", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file (see configs/filter_data.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. filters.max_response_tokens=2048")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(FilterStageConfig, args.config, args.overrides)
+        run(config)
+    except (SourceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Connecting to Ray: join a running cluster when there is one, start a local one otherwise.
+
+Under `ray job submit` RAY_ADDRESS is set and `ray.init()` joins that cluster; from a laptop
+shell it starts a local instance. Either way the job's code is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """`ray.init()` unless this process is already connected."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    resources = ray.cluster_resources()
+    log.info("ray: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def quiet_ray_data() -> None:
+    """One progress line per operator instead of Ray Data's verbose per-op bars in logs."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same input and config -> same row order
+    ctx.enable_progress_bars = os.environ.get("HELPSTEER_PROGRESS", "1") != "0"
