@@ -60,7 +60,7 @@ def validate_row(row: Mapping[str, Any], schema: AttributeSchema = STEERLM) -> R
         value = row[name]
         if not isinstance(value, str):
             raise RowError(
-                name, f"{_preview(value)} is a {type(value).__name__}; allowed: a non-empty string"
+                name, f"{_preview(value)} has type {type(value).__name__}; allowed: a non-empty string"
             )
         if value.strip() == "":
             raise RowError(name, "is empty; allowed: a non-empty string")

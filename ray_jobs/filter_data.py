@@ -201,8 +201,7 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         rejects = final.filter(expr=f"status == '{REJECTED}'").select_columns(
             ["input_file", "input_line", "field", "reason", "raw"]
         )
-        if stats["total"]["rejected"]:
-            rejects.write_json(str(staging / "rejects"))
+        _write_rejects(rejects, staging / "rejects" / "rejects.jsonl")
 
         elapsed = time.perf_counter() - started
         stats.update(
@@ -237,6 +236,13 @@ def _write_parquet(ds: ray.data.Dataset, folder: Path, attributes: list[str], ex
         fn_kwargs={"attributes": attributes, "extra_keys": extra_keys, "with_filter": with_filter},
         batch_format="pyarrow",
     ).write_parquet(str(folder))
+
+
+def _write_rejects(rejects: ray.data.Dataset, path: Path) -> None:
+    """Rejects as one readable JSON Lines file (streamed: the driver never holds them all)."""
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rejects.iter_rows():
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -1,0 +1,107 @@
+"""Shared fixtures. Tests that need Ray share one local head, started the way users start one
+(`ray start --head`, token authentication on), so the in-process tests and the `ray job submit`
+end-to-end test exercise the same cluster setup."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HELPSTEER2_SAMPLE = SHARED / "data" / "helpsteer2" / "train_rows_001_060.jsonl"
+
+# Token authentication is decided when Ray's config is first loaded in this process, so the mode
+# and the token must be in the environment before any test module imports ray.
+_TOKEN = Path(tempfile.mkdtemp(prefix="helpsteer-ray-auth-")) / "auth_token"
+_TOKEN.write_text(secrets.token_hex(32))
+_TOKEN.chmod(0o600)
+os.environ.update(
+    RAY_AUTH_MODE="token",
+    RAY_AUTH_TOKEN_PATH=str(_TOKEN),
+    RAY_USAGE_STATS_ENABLED="0",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+)
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+    env: dict[str, str]  # what `ray job submit` and drivers need: auth mode, token, PATH
+
+
+@pytest.fixture(scope="session")
+def helpsteer2_sample() -> Path:
+    if not HELPSTEER2_SAMPLE.is_file():
+        pytest.skip(f"HelpSteer2 sample not found at {HELPSTEER2_SAMPLE} (../shared/data is absent)")
+    return HELPSTEER2_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A `ray start --head` cluster with token auth, and this process connected to it."""
+    import ray
+
+    port, dash_port = _free_port(), _free_port()
+    # The head's workers and job drivers must run this venv's Python.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run(
+        [
+            ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+            "--disable-usage-stats",
+        ],
+        env=env, check=True, capture_output=True, text=True, timeout=180,
+    )
+    gcs = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
+    try:
+        ray.init(address=gcs, log_to_driver=False)
+        _wait_for_dashboard(f"http://127.0.0.1:{dash_port}")
+        yield RayHead(gcs, f"http://127.0.0.1:{dash_port}", {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"})
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_for_dashboard(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(url):
+            return
+        time.sleep(1)
+    raise RuntimeError(f"Ray dashboard at {url} did not come up in {timeout}s")
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=2)
+    except urllib.error.HTTPError:
+        return True  # it answered, with an auth error
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
+    return True
