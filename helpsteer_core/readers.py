@@ -73,9 +73,7 @@ def resolve_source(source: str, split: str = "train") -> list[Shard]:
     if path.is_file():
         kind = _file_kind(path)
         if kind is None:
-            raise SourceError(
-                f"{path}: unsupported file type; allowed: {', '.join(FILE_SUFFIXES)}"
-            )
+            raise SourceError(f"{path}: unsupported file type; allowed: {', '.join(FILE_SUFFIXES)}")
         _check_readable(path, kind)
         return [Shard(kind, str(path.resolve()), 0)]
     if path.is_dir():
@@ -83,9 +81,7 @@ def resolve_source(source: str, split: str = "train") -> list[Shard]:
             return _disk_shards(path, split)
         files = sorted(p for p in path.rglob("*") if p.is_file() and _file_kind(p))
         if not files:
-            raise SourceError(
-                f"{path}: folder holds no data files; allowed: {', '.join(FILE_SUFFIXES)}"
-            )
+            raise SourceError(f"{path}: folder holds no data files; allowed: {', '.join(FILE_SUFFIXES)}")
         shards = []
         for order, file in enumerate(files):
             kind = _file_kind(file)

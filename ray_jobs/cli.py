@@ -1,9 +1,9 @@
 """The `helpsteer` command: every stage, run locally, with the same code as the Ray jobs.
 
-    helpsteer synth --rows 2000 --seed 1 --out data/synth
-    helpsteer filter --data data/synth --out runs/filtered
-    helpsteer run --config configs/local.yaml
-    helpsteer ui
+helpsteer synth --rows 2000 --seed 1 --out data/synth
+helpsteer filter --data data/synth --out runs/filtered
+helpsteer run --config configs/local.yaml
+helpsteer ui
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,9 +22,9 @@ from helpsteer_core.readers import SourceError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of the stage")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config of the stage")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)"),
 ]
 
@@ -56,8 +56,8 @@ def synth(
 
 @app.command("filter")
 def filter_(
-    data: Annotated[Optional[str], typer.Option(help="File, folder, hf:ID or owner/name")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder")] = None,
+    data: Annotated[str | None, typer.Option(help="File, folder, hf:ID or owner/name")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -79,7 +79,9 @@ def filter_(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline profile")] = Path("configs/local.yaml"),
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline profile")] = Path(
+        "configs/local.yaml"
+    ),
     set_: SetOpt = None,
 ) -> None:
     """Run the whole pipeline (the stages that exist so far) under one MLflow run."""
@@ -107,10 +109,18 @@ def ui(
     if not db.exists():
         _fail(FileNotFoundError(f"{db}: no MLflow database yet; run a stage first"))
     command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", tracking.uri(),
-        "--default-artifact-root", tracking.artifact_root(),
-        "--host", host, "--port", str(port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking.uri(),
+        "--default-artifact-root",
+        tracking.artifact_root(),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
     typer.echo(f"MLflow UI on http://{host}:{port} for {db}")
     raise typer.Exit(subprocess.call(command, env=os.environ.copy()))

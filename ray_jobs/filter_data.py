@@ -52,15 +52,20 @@ SPLITS = ("train", "validation")
 OUTPUT_FOLDERS = (*SPLITS, "filtered", "rejects")
 
 
-class FilterStageConfig(StrictModel):
-    """The filtering stage."""
+class FilterSettings(StrictModel):
+    """How to filter; the pipeline profile's `filter:` section."""
 
-    data: str  # a file, a folder, hf:ID or owner/name (see helpsteer_core.readers)
-    out: str  # output folder; replaced as a whole when the stage succeeds
     hf_split: str = "train"  # which split of a Hugging Face dataset to read
     filters: FilterConfig = FilterConfig()
     split: SplitConfig = SplitConfig()
-    batch_size: int = 1024
+    batch_size: int = 1024  # rows per Ray Data batch for parsing and tokenizing
+
+
+class FilterStageConfig(FilterSettings):
+    """The filtering stage: what to read, where to write, and the settings."""
+
+    data: str  # a file, a folder, hf:ID or owner/name (see helpsteer_core.readers)
+    out: str  # output folder; replaced as a whole when the stage succeeds
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -83,11 +88,18 @@ def _mark_duplicates(batch: pa.Table, drop: set[tuple[int, int]]) -> pa.Table:
     rows = batch.to_pylist()
     for row in rows:
         if row["status"] == KEPT and (row["input_order"], row["input_line"]) in drop:
-            row.update(status=FILTERED, filter="duplicate", split="", reason="same prompt and response as an earlier row")
+            row.update(
+                status=FILTERED,
+                filter="duplicate",
+                split="",
+                reason="same prompt and response as an earlier row",
+            )
     return pa.Table.from_pylist(rows, schema=batch.schema)
 
 
-def _output_rows(batch: pa.Table, attributes: list[str], extra_keys: list[str], with_filter: bool) -> pa.Table:
+def _output_rows(
+    batch: pa.Table, attributes: list[str], extra_keys: list[str], with_filter: bool
+) -> pa.Table:
     """Kept or filtered rows in their published shape: extras expanded back into columns."""
     columns: dict[str, Any] = {
         "prompt": batch.column("prompt"),
@@ -193,10 +205,17 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         for split_name in SPLITS:
             _write_parquet(
                 final.filter(expr=f"status == '{KEPT}' and split == '{split_name}'"),
-                staging / split_name, attributes, extra_keys, with_filter=False,
+                staging / split_name,
+                attributes,
+                extra_keys,
+                with_filter=False,
             )
         _write_parquet(
-            final.filter(expr=f"status == '{FILTERED}'"), staging / "filtered", attributes, extra_keys, with_filter=True
+            final.filter(expr=f"status == '{FILTERED}'"),
+            staging / "filtered",
+            attributes,
+            extra_keys,
+            with_filter=True,
         )
         rejects = final.filter(expr=f"status == '{REJECTED}'").select_columns(
             ["input_file", "input_line", "field", "reason", "raw"]
@@ -222,15 +241,24 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     total = stats["total"]
     log.info(
         "filter: %d rows in %.1fs: kept %d (train %d, validation %d), filtered %d %s, rejected %d -> %s",
-        total["input_rows"], elapsed, total["kept"], total["train"], total["validation"],
-        total["filtered"], total["filtered_by"], total["rejected"], out,
+        total["input_rows"],
+        elapsed,
+        total["kept"],
+        total["train"],
+        total["validation"],
+        total["filtered"],
+        total["filtered_by"],
+        total["rejected"],
+        out,
     )
     if total["rejected"]:
         log.warning("filter: %d rejected rows, with reasons, in %s", total["rejected"], out / "rejects")
     return stats
 
 
-def _write_parquet(ds: ray.data.Dataset, folder: Path, attributes: list[str], extra_keys: list[str], with_filter: bool) -> None:
+def _write_parquet(
+    ds: ray.data.Dataset, folder: Path, attributes: list[str], extra_keys: list[str], with_filter: bool
+) -> None:
     ds.map_batches(
         _output_rows,
         fn_kwargs={"attributes": attributes, "extra_keys": extra_keys, "with_filter": with_filter},
@@ -253,9 +281,13 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.filter_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.filter_data", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", help="YAML file (see configs/filter_data.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. filters.max_response_tokens=2048")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value, e.g. filters.max_response_tokens=2048"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -67,18 +67,30 @@ def ray_head() -> Iterator[RayHead]:
     ray_bin = str(Path(sys.executable).parent / "ray")
     subprocess.run(
         [
-            ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
             "--disable-usage-stats",
         ],
-        env=env, check=True, capture_output=True, text=True, timeout=180,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     gcs = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
     try:
         ray.init(address=gcs, log_to_driver=False)
         _wait_for_dashboard(f"http://127.0.0.1:{dash_port}")
-        yield RayHead(gcs, f"http://127.0.0.1:{dash_port}", {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"})
+        yield RayHead(
+            gcs, f"http://127.0.0.1:{dash_port}", {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"}
+        )
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)

@@ -94,7 +94,9 @@ def test_format_writes_integral_floats_as_integers() -> None:
 
 
 def test_format_never_clamps() -> None:
-    with pytest.raises(AttributeValueError, match=r"'helpfulness' = 5 is outside the range; allowed: an integer in 0..4"):
+    with pytest.raises(
+        AttributeValueError, match=r"'helpfulness' = 5 is outside the range; allowed: an integer in 0..4"
+    ):
         format_attributes({"helpfulness": 5})
     with pytest.raises(AttributeValueError, match=r"'helpfulness' = 2.5 is not an integer"):
         format_attributes({"helpfulness": 2.5})
@@ -175,6 +177,7 @@ def test_parse_malformed_part_shows_expected_form(text: str) -> None:
     reason="BUG: parse_attributes checks raw.lstrip('-').isdigit(), so '--3' and '²' pass the check "
     "and int() then raises a bare ValueError that names neither the attribute nor the range",
     strict=True,
+    raises=ValueError,
 )
 @pytest.mark.parametrize("raw", ["--3", "²"])
 def test_parse_odd_digit_strings_raise_attribute_errors(raw: str) -> None:
@@ -267,6 +270,8 @@ def test_check_compatible_mismatch_names_both_schemas(tmp_path) -> None:
 
 def test_check_compatible_sees_a_range_change() -> None:
     other = AttributeSchema("helpsteer", 1, HELPSTEER.names, low=0, high=9)
-    with pytest.raises(ValueError, match=r"range 0..9 does not match the expected helpsteer-v1 .* range 0..4"):
+    with pytest.raises(
+        ValueError, match=r"range 0..9 does not match the expected helpsteer-v1 .* range 0..4"
+    ):
         HELPSTEER.check_compatible(other, where="x")
     HELPSTEER.check_compatible(AttributeSchema.from_dict(HELPSTEER.to_dict()), where="x")

@@ -17,8 +17,15 @@ from ray_jobs.tracking import TrackingConfig, runs_for
 
 pytestmark = pytest.mark.slow
 
-GOOD = {"prompt": "What is 2 + 2?", "response": "It is 4.", "helpfulness": 4, "correctness": 4,
-        "coherence": 4, "complexity": 0, "verbosity": 1}
+GOOD = {
+    "prompt": "What is 2 + 2?",
+    "response": "It is 4.",
+    "helpfulness": 4,
+    "correctness": 4,
+    "coherence": 4,
+    "complexity": 0,
+    "verbosity": 1,
+}
 
 # One line of every bad kind, each with the field the reject must name.
 BAD_LINES = [
@@ -115,10 +122,20 @@ def test_filters_count_what_they_remove(ray_head, tmp_path):
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    stats = run(_config(src, out, tmp_path / "runs", filters={
-        "max_response_tokens": 20, "required_attributes": ["helpfulness", "verbosity"]}))
+    stats = run(
+        _config(
+            src,
+            out,
+            tmp_path / "runs",
+            filters={"max_response_tokens": 20, "required_attributes": ["helpfulness", "verbosity"]},
+        )
+    )
     assert stats["total"]["filtered_by"] == {
-        "required_attributes": 1, "prompt_tokens": 0, "response_tokens": 1, "duplicate": 1}
+        "required_attributes": 1,
+        "prompt_tokens": 0,
+        "response_tokens": 1,
+        "duplicate": 1,
+    }
     filtered = {r["input_line"]: r for r in _rows(out / "filtered")}
     assert filtered[2]["filter"] == "duplicate"
     assert filtered[3]["filter"] == "response_tokens" and "> max_response_tokens=20" in filtered[3]["reason"]

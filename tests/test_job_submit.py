@@ -1,0 +1,73 @@
+"""End to end: the filter stage submitted with `ray job submit` to a `ray start --head` cluster,
+exactly as README.md and docs show it, then its outputs and its MLflow run checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpsteer_core.synthetic import write_synthetic
+from ray_jobs.tracking import TrackingConfig, runs_for
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):
+    data, out, runs = tmp_path / "synth", tmp_path / "filtered", tmp_path / "runs"
+    write_synthetic(data, rows=300, seed=11)
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "ray_jobs.filter_data",
+        "--config",
+        "configs/filter_data.yaml",
+        f"data={data}",
+        f"out={out}",
+        f"tracking.runs_dir={runs}",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["total"]["input_rows"] == 300 and stats["total"]["reconciles"]
+    assert stats["total"]["kept"] == 300
+    recorded = runs_for(TrackingConfig(runs_dir=str(runs)), "filter_data")
+    assert len(recorded) == 1 and recorded[0].info.status == "FINISHED"
+    assert recorded[0].data.metrics["kept"] == 300
+
+
+def test_job_with_a_bad_config_key_fails_and_says_which_key(ray_head, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "ray_jobs.filter_data",
+        "--config",
+        "configs/filter_data.yaml",
+        f"out={tmp_path / 'out'}",
+        "filters.max_tokns=5",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "filters.max_tokns: unknown key" in done.stdout + done.stderr
