@@ -1,4 +1,4 @@
-"""The SteerLM pipeline as one job, on the embedded default or any reader source.
+r"""The SteerLM pipeline as one job, on the embedded default or any reader source.
 
     helpsteer run --config configs/local.yaml
     python -m ray_jobs.pipeline --config configs/local.yaml [key=value ...]
