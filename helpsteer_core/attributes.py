@@ -12,6 +12,7 @@ The attribute string is what SteerLM puts after `<extra_id_2>` in the prompt:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ def parse_attributes(text: str, schema: AttributeSchema = STEERLM) -> dict[str, 
         if name in result:
             raise AttributeValueError(f"attribute string {text!r}: {name!r} appears twice")
         raw = raw.strip()
-        if not raw.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", raw):
             raise AttributeValueError(
                 f"attribute string {text!r}: {name!r} = {raw!r} is not an integer; "
                 f"allowed: {schema.allowed()}"

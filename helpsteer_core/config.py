@@ -8,6 +8,7 @@ errors into one message per problem: `configs/x.yaml:12: filters.max_tokns: unkn
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,7 +123,7 @@ def load_config(
     defaults: dict[str, Any] | None = None,
 ) -> T:
     """Read `path` (optional) onto `model`, then apply `overrides` (`a.b=value`)."""
-    data: dict[str, Any] = dict(defaults or {})
+    data: dict[str, Any] = copy.deepcopy(defaults or {})
     text = None
     where = "overrides"
     if path is not None:

@@ -68,7 +68,9 @@ def parse_prompt_turns(prompt: str) -> list[Turn]:
     precedes each `<extra_id_1>` belongs to the separator, not to the turn's text.
     """
     pieces = prompt.split(TURN_TOKEN)
-    turns = [Turn("User", _strip_separator_newline(pieces[0]))]
+    # A single-turn prompt is the user's text as it is; only a separator takes a newline.
+    first = pieces[0] if len(pieces) == 1 else _strip_separator_newline(pieces[0])
+    turns = [Turn("User", first)]
     for number, piece in enumerate(pieces[1:], start=2):
         role, sep, text = piece.partition("\n")
         if not sep or role not in ROLES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def resolve_source(source: str, split: str = "train") -> list[Shard]:
             _check_readable(file, kind)
             shards.append(Shard(kind, str(file.resolve()), order))
         return shards
-    if _HUB_ID.match(source):
+    if _HUB_ID.match(source) and not source.lower().endswith(FILE_SUFFIXES):
         return _hf_shards(source, split)
     raise SourceError(
         f"data source not found: {source} (resolved to {path.resolve()}); give a "
@@ -126,7 +127,10 @@ def _load_hf(path: str, split: str) -> Any:
 def _load_disk(path: str, split: str) -> Any:
     import datasets
 
-    loaded = datasets.load_from_disk(path)
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged folder fails in many ways
+        raise SourceError(f"{path}: cannot load saved dataset: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise SourceError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
@@ -194,7 +198,7 @@ def _iter_jsonl(shard: Shard) -> Iterator[dict[str, Any]]:
                     yield raw_row(shard, line_no, repr(data[:200]), f"line is not UTF-8: {exc}")
                     continue
                 yield raw_row(shard, line_no, text)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         yield raw_row(shard, line_no + 1, "", f"file read failed after line {line_no}: {exc}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -65,11 +66,15 @@ def ray_head() -> Iterator[RayHead]:
     # The head's workers and job drivers must run this venv's Python.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run(
+    # --block keeps the head in the foreground of this one process, so stopping it stops only
+    # this cluster (`ray stop` would kill every Ray process on the machine).
+    head = subprocess.Popen(
         [
             ray_bin,
             "start",
             "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
             f"--port={port}",
             "--num-cpus=2",
             "--include-dashboard=true",
@@ -78,28 +83,32 @@ def ray_head() -> Iterator[RayHead]:
             "--disable-usage-stats",
         ],
         env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     gcs = f"127.0.0.1:{port}"
-    os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
+    dashboard = f"http://127.0.0.1:{dash_port}"
     try:
+        _wait_for_dashboard(dashboard, head)
+        os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
         ray.init(address=gcs, log_to_driver=False)
-        _wait_for_dashboard(f"http://127.0.0.1:{dash_port}")
-        yield RayHead(
-            gcs, f"http://127.0.0.1:{dash_port}", {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"}
-        )
+        yield RayHead(gcs, dashboard, {**env, "RAY_ADDRESS": dashboard})
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
-def _wait_for_dashboard(url: str, timeout: float = 60.0) -> None:
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with status {head.returncode}")
         if _answers(url):
             return
         time.sleep(1)

@@ -173,12 +173,6 @@ def test_parse_malformed_part_shows_expected_form(text: str) -> None:
     assert "expected e.g. quality:2,toxicity:2" in message
 
 
-@pytest.mark.xfail(
-    reason="BUG: parse_attributes checks raw.lstrip('-').isdigit(), so '--3' and '²' pass the check "
-    "and int() then raises a bare ValueError that names neither the attribute nor the range",
-    strict=True,
-    raises=ValueError,
-)
 @pytest.mark.parametrize("raw", ["--3", "²"])
 def test_parse_odd_digit_strings_raise_attribute_errors(raw: str) -> None:
     with pytest.raises(AttributeValueError, match=r"'helpfulness' = .* is not an integer"):

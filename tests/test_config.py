@@ -172,12 +172,6 @@ def test_dump_config_loads_back_to_the_same_config(tmp_path: Path) -> None:
     assert load_config(Stage, write(tmp_path, text)) == cfg
 
 
-@pytest.mark.xfail(
-    reason="BUG: load_config copies `defaults` shallowly, so an override of a nested key writes "
-    "into the caller's defaults dict and leaks into the next load",
-    strict=True,
-    raises=AssertionError,
-)
 def test_overrides_do_not_change_the_callers_defaults() -> None:
     defaults = {"optimizer": {"steps": 1}}
     assert load_config(Stage, overrides=["optimizer.steps=3"], defaults=defaults).optimizer.steps == 3

@@ -248,33 +248,15 @@ def alternating_turns(draw: st.DrawFn, with_attributes: bool) -> list[Turn]:
     return turns
 
 
-# A lone user turn ending in "\n" is left out here: that case is the xfailed bug below.
-@given(
-    alternating_turns(with_attributes=False).filter(
-        lambda ts: len(ts) > 1 or not ts[0].text.endswith("\n")
-    )
-)
+@given(alternating_turns(with_attributes=False))
 def test_parse_prompt_turns_inverts_join(turns: list[Turn]) -> None:
     assert parse_prompt_turns(join_prompt_turns(turns)) == turns
 
 
-@pytest.mark.xfail(
-    reason="BUG: parse_prompt_turns strips the trailing newline of the first piece even when it "
-    "is the only piece, so a single-turn prompt ending in '\\n' loses it (2 of the 60 HelpSteer2 "
-    "sample prompts do)",
-    strict=True,
-    raises=AssertionError,
-)
 def test_single_turn_prompt_keeps_trailing_newline() -> None:
     assert parse_prompt_turns("What is this?\n") == [Turn("User", "What is this?\n")]
 
 
-@pytest.mark.xfail(
-    reason="BUG: parse_prompt_turns drops the trailing newline of single-turn prompts, so the "
-    "rendered training text differs from the HelpSteer2 prompt",
-    strict=True,
-    raises=AssertionError,
-)
 def test_helpsteer2_sample_prompts_survive_parse_and_join(helpsteer2_sample) -> None:
     rows = [json.loads(line) for line in helpsteer2_sample.read_text().splitlines()]
     assert len(rows) == 60

@@ -202,12 +202,6 @@ def test_gzip_missing_only_its_trailer_yields_every_row_then_an_error(tmp_path: 
     assert "file read failed after line 6" in rows[-1]["read_error"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: _iter_jsonl catches OSError/EOFError/BadGzipFile but not zlib.error, so a gzip "
-    "file corrupted midway raises out of the reader instead of ending with a read_error row",
-    strict=True,
-    raises=zlib.error,
-)
 def test_corrupt_gzip_midway_ends_with_an_error_row(tmp_path: Path) -> None:
     # Two gzip members (gzip.open reads both); the second's deflate block type is invalid.
     good = gzip.compress(jsonl_text(ROWS[:2]).encode())
@@ -326,12 +320,6 @@ def test_empty_hf_split_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_source("hf:owner/empty")
 
 
-@pytest.mark.xfail(
-    reason="BUG: _load_disk does not wrap datasets.load_from_disk errors, so a damaged "
-    "save_to_disk folder raises a bare JSONDecodeError that does not name the folder",
-    strict=True,
-    raises=json.JSONDecodeError,
-)
 def test_damaged_save_to_disk_folder_names_the_folder(offline_hf, tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     offline_hf.Dataset.from_list(ROWS).save_to_disk(str(folder))
