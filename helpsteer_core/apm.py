@@ -94,11 +94,11 @@ class APMConfig(StrictModel):
     # Hub id, local folder, or `package:...` (see model_sources); the embedded default is MiniLM-L6.
     backbone: str = MINILM
     # Total tokens per input, special and readout tokens included.
-    max_length: int = Field(384, ge=8)
+    max_length: int = Field(default=384, ge=8)
     # auto: mean pooling for encoders, the last token for decoders.
     readout: Literal["auto", "mean", "cls", "last"] = "auto"
     # Dropout on the pooled representation, before the head (the backbone keeps its own).
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -126,7 +126,8 @@ class AttributePredictionModel(nn.Module):
         self.schema = schema
         self.config = config
         # Kept beside the model so save_pretrained writes it; not part of the state dict.
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = tokenizer
+        _check_max_length(config, backbone.config, config.backbone)
         self.is_decoder = is_decoder_config(backbone.config)
         self.readout: str = config.readout
         if self.readout == "auto":
@@ -308,7 +309,8 @@ def encode_pairs(
 ) -> list[list[int]]:
     """Token ids per (prompt, response), at most `config.max_length` each, not padded.
 
-    Encoder: `[CLS] prompt [SEP] response [SEP]` (the raw prompt string). Decoder: the rendered
+    Encoder: `[CLS] prompt [SEP] response [SEP]` (the raw prompt string; no token_type_ids are
+    passed, so both segments are type 0, as sentence-transformers encodes text). Decoder: the rendered
     conversation (multi-turn prompts parsed into turns; no system text, no attribute line), its
     end-of-turn marker, then eos as the readout token; [bos] first when the tokenizer uses one.
 

@@ -219,7 +219,7 @@ def test_a_batch_without_labels_gives_zero_that_still_backpropagates() -> None:
 
 
 def test_targets_from_rows_marks_missing_and_rejects_bad_values() -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"helpfulness": 4, "verbosity": 1.0, "humor": None},
         {"quality": float("nan"), "toxicity": 0},
     ]
