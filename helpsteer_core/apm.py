@@ -52,6 +52,7 @@ from helpsteer_core.attributes import (
 )
 from helpsteer_core.config import StrictModel
 from helpsteer_core.conversation import TURN_TOKEN, conversation_from_row, render_conversation
+from helpsteer_core.metrics import round_clip
 from helpsteer_core.model_sources import MINILM, resolve_model_path
 
 APM_CONFIG_FILE = "apm_config.json"
@@ -473,18 +474,6 @@ def predict(
     finally:
         model.train(was_training)
     return out
-
-
-def round_clip(preds: np.ndarray, schema: AttributeSchema = STEERLM) -> np.ndarray:
-    """Integer labels for relabel output: round half up, then clip to the schema's range.
-
-    The clipping is deliberate and only here; callers keep the float predictions beside these.
-    NaN predictions raise (a NaN has no label).
-    """
-    values = np.asarray(preds, dtype=np.float64)
-    if np.isnan(values).any():
-        raise ValueError(f"round_clip: {int(np.isnan(values).sum())} NaN predictions")
-    return np.clip(np.floor(values + 0.5), schema.low, schema.high).astype(np.int64)
 
 
 def describe(model: AttributePredictionModel) -> dict[str, Any]:

@@ -78,9 +78,18 @@ def _qwk(human: np.ndarray, labels: np.ndarray, schema: AttributeSchema) -> floa
     return value if math.isfinite(value) else None
 
 
-def _round_clip(values: np.ndarray, schema: AttributeSchema) -> np.ndarray:
-    # Same rule as apm.round_clip (round half up, clip); repeated to keep metrics free of torch.
+def round_clip(preds: np.ndarray, schema: AttributeSchema) -> np.ndarray:
+    """Integer labels for relabel output: round half up, then clip to the schema's range.
+
+    The clipping is deliberate and only here; callers keep the float predictions beside these.
+    NaN predictions raise (a NaN has no label).
+    """
+    values = np.asarray(preds, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError(f"round_clip: {int(np.isnan(values).sum())} NaN predictions")
     return np.clip(np.floor(values + 0.5), schema.low, schema.high).astype(np.int64)
+
+
 
 
 def attribute_metrics(
@@ -124,7 +133,7 @@ def attribute_metrics(
             "spearman": _correlation("spearman", x, y),
             "mae": float(np.abs(err).mean()),
             "rmse": rmse,
-            "qwk": _qwk(human_labels, _round_clip(y, schema), schema),
+            "qwk": _qwk(human_labels, round_clip(y, schema), schema),
             "baseline_pearson": None,
             "baseline_spearman": None,
         }
@@ -134,7 +143,7 @@ def attribute_metrics(
             base_rmse = float(np.sqrt((base_err**2).mean()))
             scores["baseline_mae"] = float(np.abs(base_err).mean())
             scores["baseline_rmse"] = base_rmse
-            constant = _round_clip(np.full_like(x, mean), schema)
+            constant = round_clip(np.full_like(x, mean), schema)
             scores["baseline_qwk"] = _qwk(human_labels, constant, schema)
             scores["beats_baseline_rmse"] = rmse < base_rmse
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -15,16 +16,37 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """`ray.init()` unless this process is already connected."""
+    """`ray.init()` unless this process is already connected.
+
+    RAY_ADDRESS (set by `ray job submit`) wins. Otherwise a local `ray start --head` cluster is
+    joined when its GCS answers; a stale record of a cluster that is gone (Ray keeps one in
+    /tmp/ray) would make a plain `ray.init()` wait a minute for it, so then a fresh local
+    instance starts instead.
+    """
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or _live_local_cluster()
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     resources = ray.cluster_resources()
     log.info("ray: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def _live_local_cluster() -> str | None:
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address()
+    if not recorded:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return recorded
+    except (OSError, ValueError):
+        log.info("ray: recorded cluster %s does not answer; starting a local instance", recorded)
+        return None
 
 
 def quiet_ray_data() -> None:
