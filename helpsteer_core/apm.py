@@ -33,6 +33,7 @@ Nothing here imports ray, mlflow or deepspeed; training loops live in `ray_jobs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -507,3 +508,22 @@ __all__ = [
     "targets_from_rows",
     "token_budget_batches",
 ]
+
+
+TRAINED_ATTRIBUTES_FILE = "trained_attributes.json"
+
+
+def save_trained_attributes(directory: str | Path, names: Sequence[str]) -> None:
+    """Record which attributes had labels in training: the others' outputs are untrained."""
+    Path(directory, TRAINED_ATTRIBUTES_FILE).write_text(json.dumps(list(names)) + "\n")
+
+
+def load_trained_attributes(directory: str | Path, schema: AttributeSchema = STEERLM) -> list[str]:
+    """The attributes an APM folder was trained on (every schema attribute if not recorded)."""
+    path = Path(directory, TRAINED_ATTRIBUTES_FILE)
+    if not path.is_file():
+        return list(schema.names)
+    names = json.loads(path.read_text())
+    for name in names:
+        schema.index(name)
+    return [n for n in schema.names if n in names]

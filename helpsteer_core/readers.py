@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 HF_PREFIX = "hf:"
 HF_ROWS_PER_SHARD = 10_000
@@ -218,3 +220,81 @@ def _iter_parquet(shard: Shard) -> Iterator[dict[str, Any]]:
 def _to_json(row: dict[str, Any]) -> str:
     # default=str keeps values JSON has no type for (timestamps, decimals) readable.
     return json.dumps(row, ensure_ascii=False, default=str)
+
+
+# --- Work units: fixed row ranges of a source, for stages that must resume -------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [start, stop) of one shard, in the shard's row order. `index` numbers the unit in the
+    whole source, so a stage can name its output part after it and skip it on a re-run."""
+
+    shard: Shard
+    index: int
+    start: int
+    stop: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard.to_dict(), "index": self.index, "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Unit:
+        return cls(Shard(**data["shard"]), data["index"], data["start"], data["stop"])
+
+
+def count_rows(shard: Shard) -> int:
+    if shard.kind in ("jsonl", "jsonl.gz"):
+        opener = gzip.open if shard.kind == "jsonl.gz" else open
+        with opener(shard.path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    if shard.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(shard.path).metadata.num_rows)
+    return shard.stop - shard.start
+
+
+def plan_units(shards: list[Shard], rows_per_unit: int) -> list[Unit]:
+    """Cut every shard into units of at most `rows_per_unit` rows, numbered in source order."""
+    if rows_per_unit < 1:
+        raise ValueError(f"rows_per_unit must be >= 1, got {rows_per_unit}")
+    units: list[Unit] = []
+    for shard in shards:
+        offset = shard.start if shard.kind.startswith("hf") else 0
+        rows = count_rows(shard)
+        for start in range(0, rows, rows_per_unit):
+            stop = min(start + rows_per_unit, rows)
+            units.append(Unit(shard, len(units), offset + start, offset + stop))
+    return units
+
+
+def read_unit(unit: Unit) -> pa.Table:
+    """The unit's rows with their columns as the source has them (types kept for Parquet and
+    Hugging Face sources; inferred from the JSON values for JSON Lines)."""
+    shard = unit.shard
+    if shard.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(shard.path).slice(unit.start, unit.stop - unit.start)
+    if shard.kind in ("hf", "hf-disk"):
+        loader = _load_hf if shard.kind == "hf" else _load_disk
+        table: pa.Table = (
+            loader(shard.path, shard.split).select(range(unit.start, unit.stop)).with_format("arrow")[:]
+        )
+        return table
+    rows = []
+    for index, raw in enumerate(iter_raw_rows(shard)):
+        if index < unit.start:
+            continue
+        if index >= unit.stop:
+            break
+        if raw["read_error"]:
+            raise SourceError(f"{shard.path}:{raw['input_line']}: {raw['read_error']}")
+        try:
+            rows.append(json.loads(raw["raw"]))
+        except json.JSONDecodeError as exc:
+            raise SourceError(
+                f"{shard.path}:{raw['input_line']}: not valid JSON ({exc.msg}); run the filter stage first"
+            ) from None
+    return pa.Table.from_pylist(rows)

@@ -54,6 +54,78 @@ def synth(
     typer.echo(f"wrote {rows} rows in {len(files)} file(s) to {resolve_path(out)}")
 
 
+def _run_stage(module_name: str, config_cls: str, config: Path | None, overrides: list[str]) -> None:
+    """Load a stage's config (file + overrides) and run it; config and data errors become one
+    red line and exit status 2."""
+    import importlib
+
+    module = importlib.import_module(f"ray_jobs.{module_name}")
+    _setup_logging()
+    try:
+        module.run(load_config(getattr(module, config_cls), config, overrides))
+    except (ConfigError, SourceError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+def _options(**values: object) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items() if v is not None]
+
+
+@app.command("train-apm")
+def train_apm(
+    data: Annotated[Path | None, typer.Option(help="The filter stage's output folder")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the trained APM goes")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the Attribute Prediction Model (Ray Train) and evaluate it on the validation split."""
+    _run_stage("train_apm", "TrainAPMConfig", config, _options(data=data, out=out) + list(set_ or []))
+
+
+@app.command("evaluate-apm")
+def evaluate_apm(
+    apm: Annotated[Path, typer.Option(help="A trained APM folder")],
+    data: Annotated[
+        Path, typer.Option(help="A Parquet folder with human labels, e.g. runs/filtered/validation")
+    ],
+    out: Annotated[Path, typer.Option(help="Where metrics.json and predictions.png go")],
+    train_data: Annotated[
+        Path | None, typer.Option(help="Training split for the predict-the-mean baseline")
+    ] = None,
+) -> None:
+    """Agreement of an APM with human labels: Pearson, Spearman, MAE, RMSE, QWK vs the mean baseline."""
+    from ray_jobs.train_apm import evaluate_apm as evaluate
+
+    try:
+        report = evaluate(
+            resolve_path(apm),
+            resolve_path(data),
+            resolve_path(out),
+            resolve_path(train_data) if train_data else None,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    for name, m in report["attributes"].items():
+        pearson = "n/a" if m["pearson"] is None else f"{m['pearson']:.3f}"
+        typer.echo(
+            f"{name:12s} pearson {pearson:>6} rmse {m['rmse']:.3f} "
+            f"(mean baseline {m['baseline_rmse']:.3f}) qwk {m['qwk']}"
+        )
+    typer.echo(f"wrote {resolve_path(out) / 'metrics.json'} and predictions.png")
+
+
+@app.command()
+def relabel(
+    apm: Annotated[Path | None, typer.Option(help="A trained APM folder")] = None,
+    data: Annotated[str | None, typer.Option(help="File, folder, hf:ID or owner/name")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (resumable)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Add APM attribute predictions to every row (Ray Data actor pool); resumes if interrupted."""
+    _run_stage("relabel", "RelabelConfig", config, _options(apm=apm, data=data, out=out) + list(set_ or []))
+
+
 @app.command("filter")
 def filter_(
     data: Annotated[str | None, typer.Option(help="File, folder, hf:ID or owner/name")] = None,
@@ -62,19 +134,7 @@ def filter_(
     set_: SetOpt = None,
 ) -> None:
     """Validate, filter, de-duplicate and split a dataset (Ray Data)."""
-    from ray_jobs import filter_data
-
-    overrides = list(set_ or [])
-    if data is not None:
-        overrides.append(f"data={data}")
-    if out is not None:
-        overrides.append(f"out={out}")
-    _setup_logging()
-    try:
-        cfg = load_config(filter_data.FilterStageConfig, config, overrides)
-        filter_data.run(cfg)
-    except (ConfigError, SourceError, ValueError) as exc:
-        _fail(exc)
+    _run_stage("filter_data", "FilterStageConfig", config, _options(data=data, out=out) + list(set_ or []))
 
 
 @app.command()

@@ -44,6 +44,7 @@ from helpsteer_core.apm import (
     masked_mse,
     pad_token_id,
     predict,
+    save_trained_attributes,
     targets_from_rows,
 )
 from helpsteer_core.attributes import STEERLM
@@ -333,6 +334,10 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE))
         (staging / "train_config.yaml").write_text(dump_config(resolved))
+        train_targets_mask = targets_from_rows(read_split(data / "train"), SCHEMA)[1]  # (rows, n_attr)
+        save_trained_attributes(
+            staging, [n for j, n in enumerate(SCHEMA.names) if train_targets_mask[:, j].any()]
+        )
         report = evaluate_apm(staging, data / "validation", staging / "evaluation", data / "train")
         if out.exists():
             shutil.rmtree(out)

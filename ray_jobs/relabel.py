@@ -1,0 +1,248 @@
+"""Relabel a dataset with the Attribute Prediction Model, in batch, on a Ray Data actor pool.
+
+    python -m ray_jobs.relabel --config configs/relabel.yaml [key=value ...]
+    helpsteer relabel --apm runs/apm --data runs/filtered/train --out runs/relabelled
+    ray job submit --working-dir . -- python -m ray_jobs.relabel --config configs/relabel.yaml \
+        apm=/mnt/runs/apm data=/mnt/data/unlabelled out=/mnt/runs/relabelled
+
+The source is cut into work units (fixed row ranges). Each unit goes to one actor of the pool,
+which loads the APM once, sorts the unit's rows by length, predicts in batches formed by a token
+budget, and writes `out/part-NNNNNN.parquet` atomically. Every input column is kept untouched;
+per attribute the APM was trained on, `apm_<name>` (float) and `apm_<name>_int` (rounded and
+clipped to 0-4) are added, with `apm_model` and `apm_schema` for provenance. Human labels are
+never overwritten. A re-run after an interruption skips the parts already written, so every
+input row ends up in exactly one output row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from pydantic import Field
+
+from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
+from helpsteer_core.attributes import STEERLM, load_and_check_schema
+from helpsteer_core.config import StrictModel, dump_config, load_config, resolve_path
+from helpsteer_core.metrics import round_clip
+from helpsteer_core.readers import HF_PREFIX, SourceError, Unit, plan_units, read_unit, resolve_source
+from ray_jobs.runtime import ensure_ray, quiet_ray_data
+from ray_jobs.tracking import TrackingConfig, stage_run
+
+log = logging.getLogger("helpsteer.relabel")
+SCHEMA = STEERLM
+MANIFEST = "relabel_manifest.json"
+
+
+class RelabelSettings(StrictModel):
+    """How to relabel; the pipeline profile's `relabel:` section."""
+
+    rows_per_unit: int = Field(512, ge=1)  # rows per output part (the unit of resumption)
+    max_tokens: int = Field(16384, ge=64)  # padded tokens per forward pass
+    actors: int = Field(2, ge=1)  # size of the actor pool
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    hf_split: str = "train"
+
+
+class RelabelConfig(RelabelSettings):
+    """The relabel stage."""
+
+    apm: str  # a trained APM folder (train_apm's `out`)
+    data: str  # any reader source; the filter stage's train/ or validation/ folder, say
+    out: str  # folder of Parquet parts; an interrupted run continues where it stopped
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class Relabeler:
+    """Ray Data callable class: one APM per actor; each call handles a batch of work units."""
+
+    def __init__(self, apm: str, out: str, max_tokens: int, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AttributePredictionModel.from_pretrained(apm, SCHEMA)
+        self.attributes = load_trained_attributes(apm, SCHEMA)
+        self.model_id = _model_id(Path(apm))
+        self.out, self.max_tokens = Path(out), max_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, seconds = [], []
+        for text in batch["unit"]:
+            started = time.perf_counter()
+            unit = Unit.from_dict(json.loads(text))
+            table = read_unit(unit)
+            for name in ("prompt", "response"):
+                if name not in table.column_names:
+                    raise SourceError(
+                        f"{unit.shard.label}: no {name!r} column; columns: {table.column_names}"
+                    )
+            pred = predict(
+                self.model,
+                self.model.tokenizer,
+                table.column("prompt").to_pylist(),
+                table.column("response").to_pylist(),
+                self.max_tokens,
+                self.device,
+            )  # (rows, n_attr)
+            table = self._with_predictions(table, pred)
+            path = self.out / part_name(unit.index)
+            tmp = path.with_suffix(".tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)  # atomic: a part exists whole or not at all
+            rows.append(table.num_rows)
+            seconds.append(time.perf_counter() - started)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "rows": np.array(rows),
+            "seconds": np.array(seconds),
+            "peak_rss_mb": np.full(len(rows), peak_mb),
+        }
+
+    def _with_predictions(self, table: pa.Table, pred: np.ndarray) -> pa.Table:
+        rounded = round_clip(pred, SCHEMA)
+        for name in self.attributes:
+            j = SCHEMA.index(name)
+            table = table.append_column(f"apm_{name}", pa.array(pred[:, j], pa.float32()))
+            table = table.append_column(f"apm_{name}_int", pa.array(rounded[:, j], pa.int8()))
+        table = table.append_column("apm_model", pa.array([self.model_id] * table.num_rows, pa.string()))
+        return table.append_column("apm_schema", pa.array([SCHEMA.id] * table.num_rows, pa.string()))
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+def _model_id(apm: Path) -> str:
+    """The APM folder and a hash of its weights: which model labelled a row, exactly."""
+    digest = hashlib.sha256()
+    for file in sorted(apm.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        digest.update(str(file.stat().st_size).encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))  # the first MiB: the header names every tensor
+    return f"{apm}@{digest.hexdigest()[:12]}"
+
+
+def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != manifest:
+            raise ValueError(
+                f"{out} holds a relabel of another input or model ({path}); "
+                "use another `out`, or delete it to start over"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and is not a relabel output; use another `out`")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def run(config: RelabelConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    apm, out = resolve_path(config.apm), resolve_path(config.out)
+    load_and_check_schema(apm, SCHEMA)  # a wrong or missing model fails before Ray starts
+    local = resolve_path(config.data)
+    source = str(local) if not config.data.startswith(HF_PREFIX) and local.exists() else config.data
+    units = plan_units(resolve_source(source, config.hf_split), config.rows_per_unit)
+    input_rows = sum(u.stop - u.start for u in units)
+    manifest = {
+        "apm": _model_id(apm),
+        "data": source,
+        "units": [u.to_dict() for u in units],
+        "schema": SCHEMA.id,
+    }
+    _check_manifest(out, manifest)
+    pending = [u for u in units if not (out / part_name(u.index)).is_file()]
+    log.info(
+        "relabel: %d rows in %d units; %d already done; %d to do -> %s",
+        input_rows,
+        len(units),
+        len(units) - len(pending),
+        len(pending),
+        out,
+    )
+    ensure_ray()
+    quiet_ray_data()
+    resolved = config.model_copy(update={"apm": str(apm), "data": source, "out": str(out)})
+    (out / "config.yaml").write_text(dump_config(resolved))
+    with stage_run("relabel", resolved, config.tracking, SCHEMA, {"apm": str(apm)}) as tracked:
+        done: list[dict[str, Any]] = []
+        if pending:
+            results = ray.data.from_items(
+                [{"unit": json.dumps(u.to_dict())} for u in pending], override_num_blocks=len(pending)
+            ).map_batches(
+                Relabeler,
+                fn_constructor_kwargs={
+                    "apm": str(apm),
+                    "out": str(out),
+                    "max_tokens": config.max_tokens,
+                    "threads": config.cpus_per_actor,
+                },
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=config.actors),
+                num_cpus=config.cpus_per_actor,
+                num_gpus=config.gpus_per_actor,
+            )
+            done = results.take_all()
+        output_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(out.glob("part-*.parquet")))
+        elapsed = time.perf_counter() - started
+        work_seconds = sum(r["seconds"] for r in done)
+        relabelled = sum(int(r["rows"]) for r in done)
+        stats = {
+            "input_rows": input_rows,
+            "output_rows": output_rows,
+            "reconciles": input_rows == output_rows,
+            "units": len(units),
+            "units_skipped_as_done": len(units) - len(pending),
+            "rows_relabelled_now": relabelled,
+            "seconds": round(elapsed, 3),
+            "rows_per_second": round(relabelled / elapsed, 2) if relabelled else 0.0,
+            "actor_rows_per_second": round(relabelled / work_seconds, 2) if work_seconds else 0.0,
+            "peak_rss_mb_per_actor": round(max((float(r["peak_rss_mb"]) for r in done), default=0.0), 1),
+            "apm": manifest["apm"],
+            "attribute_schema": SCHEMA.to_dict(),
+        }
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        SCHEMA.save(out)
+        tracked.log_metrics(stats)
+        tracked.log_outputs({"stats.json": out / "stats.json", "out": out})
+    if not stats["reconciles"]:
+        raise RuntimeError(f"relabel: {input_rows} input rows but {output_rows} output rows in {out}")
+    log.info(
+        "relabel: %d rows in %.1fs (%.1f rows/s) -> %s", relabelled, elapsed, stats["rows_per_second"], out
+    )
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.relabel", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file (see configs/relabel.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. actors=4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(load_config(RelabelConfig, args.config, args.overrides))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
