@@ -256,6 +256,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _report(
                 metrics | {"step": done}, model if save and rank == 0 else None, optimizer, scheduler, done
             )
+    if start_step >= total:
+        # A re-run of a finished run: hand the restored model back as the result.
+        _report({"step": total}, model if rank == 0 else None, optimizer, scheduler, total)
 
 
 def _report(

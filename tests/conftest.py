@@ -126,3 +126,87 @@ def _answers(url: str) -> bool:
     except Exception:  # noqa: BLE001 - not listening yet
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT built from config with the MiniLM tokenizer: real mechanics, seconds to train."""
+    from transformers import BertConfig, BertModel
+
+    from helpsteer_core.model_sources import MINILM, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer(MINILM)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_filtered(ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 synthetic rows through the filter stage: train/ and validation/ Parquet."""
+    from helpsteer_core.synthetic import write_synthetic
+    from ray_jobs.filter_data import FilterStageConfig
+    from ray_jobs.filter_data import run as run_filter
+
+    root = tmp_path_factory.mktemp("synthetic-filtered")
+    write_synthetic(root / "data", rows=240, seed=4)
+    run_filter(
+        FilterStageConfig.model_validate(
+            {
+                "data": str(root / "data"),
+                "out": str(root / "filtered"),
+                "split": {"validation_fraction": 0.25},
+                "tracking": {"runs_dir": str(root / "runs")},
+            }
+        )
+    )
+    return root / "filtered"
+
+
+@dataclass(frozen=True)
+class TrainedAPM:
+    model: Path
+    runs: Path
+    storage: Path
+    run_name: str
+    data: Path
+
+
+@pytest.fixture(scope="session")
+def trained_apm(
+    ray_head: RayHead, tiny_backbone: Path, synthetic_filtered: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TrainedAPM:
+    """The APM stage run once with 2 DDP workers on the tiny backbone (6 steps, 2 checkpoints)."""
+    from ray_jobs.train_apm import TrainAPMConfig
+    from ray_jobs.train_apm import run as run_train
+
+    root = tmp_path_factory.mktemp("apm")
+    trained = TrainedAPM(root / "apm", root / "runs", root / "ray_train", "tiny-apm", synthetic_filtered)
+    run_train(
+        TrainAPMConfig.model_validate(
+            {
+                "data": str(synthetic_filtered),
+                "out": str(trained.model),
+                "apm": {"backbone": str(tiny_backbone)},
+                "num_workers": 2,
+                "batch_size": 8,
+                "max_steps": 6,
+                "eval_every": 3,
+                "checkpoint_every": 3,
+                "lr": 1e-3,
+                "run_name": trained.run_name,
+                "storage": str(trained.storage),
+                "tracking": {"runs_dir": str(trained.runs)},
+            }
+        )
+    )
+    return trained

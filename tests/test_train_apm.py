@@ -1,0 +1,76 @@
+"""The APM training stage on a local Ray cluster: 2 DDP workers, checkpoints, resume, evaluation
+against human labels, MLflow run and registry."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes
+from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES, STEERLM
+from ray_jobs.tracking import TrackingConfig, runs_for
+from ray_jobs.train_apm import REGISTERED_NAME, TrainAPMConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_stage_exports_an_evaluated_registered_model(trained_apm):
+    folder = trained_apm.model
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["head.safetensors", "model.safetensors"]
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+    model = AttributePredictionModel.from_pretrained(folder, STEERLM)
+    assert model.schema == STEERLM
+    # Only the five HelpSteer attributes had labels; the other four outputs are marked untrained.
+    assert load_trained_attributes(folder) == list(HELPSTEER_ATTRIBUTES)
+
+    report = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    assert set(report["attributes"]) == set(HELPSTEER_ATTRIBUTES)
+    for metrics in report["attributes"].values():
+        for key in ("pearson", "spearman", "mae", "rmse", "qwk", "baseline_mae", "baseline_rmse"):
+            assert key in metrics
+        assert metrics["rmse"] >= 0 and metrics["n"] == report["rows"]
+    assert (folder / "evaluation" / "predictions.png").stat().st_size > 1000
+
+    tracking = TrackingConfig(runs_dir=str(trained_apm.runs))
+    [mlrun] = runs_for(tracking, "train_apm")
+    assert mlrun.info.status == "FINISHED"
+    history = mlflow.MlflowClient(tracking.uri()).get_metric_history(mlrun.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert "eval.verbosity.rmse" in mlrun.data.metrics
+    versions = mlflow.MlflowClient(tracking.uri()).search_model_versions(f"name='{REGISTERED_NAME}'")
+    assert [v.source for v in versions] == [folder.as_uri()]
+    assert versions[0].run_id == mlrun.info.run_id
+
+
+def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained_apm, tiny_backbone, tmp_path):
+    config = TrainAPMConfig.model_validate(
+        {
+            "data": str(trained_apm.data),
+            "out": str(tmp_path / "apm"),
+            "apm": {"backbone": str(tiny_backbone)},
+            "num_workers": 2,
+            "batch_size": 8,
+            "max_steps": 9,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "lr": 1e-3,
+            "run_name": trained_apm.run_name,
+            "storage": str(trained_apm.storage),
+            "tracking": {"runs_dir": str(tmp_path / "runs")},
+        }
+    )
+    run(config)
+    tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"))
+    [mlrun] = runs_for(tracking, "train_apm")
+    steps = [
+        m.step for m in mlflow.MlflowClient(tracking.uri()).get_metric_history(mlrun.info.run_id, "loss")
+    ]
+    assert steps == [7, 8, 9]  # steps 1-6 came from the first run's checkpoint
+
+
+def test_missing_data_fails_before_ray_work(tmp_path):
+    config = TrainAPMConfig.model_validate({"data": str(tmp_path / "nothing"), "out": str(tmp_path / "apm")})
+    with pytest.raises(FileNotFoundError, match="run the filter stage first"):
+        run(config)
