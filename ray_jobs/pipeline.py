@@ -5,8 +5,8 @@ r"""The SteerLM pipeline as one job, on the embedded default or any reader sourc
     ray job submit --working-dir . -- \
         python -m ray_jobs.pipeline --config configs/local.yaml runs_dir=/abs/runs
 
-Stages so far: synthetic data (when no `data` is given) -> filter -> train-apm -> relabel. Each stage runs as a nested
-MLflow run under one parent run; a summary table closes the run.
+Stages so far: synthetic data (when no `data` is given) -> filter -> train-apm -> relabel.
+Each stage runs as a nested MLflow run under one parent run; a summary table closes the run.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""Benchmark: the relabel stage against the loop a user would write, same model and rows, one run.
+
+    .venv/bin/python bench/relabel.py [--rows 2000] [--apm runs/apm]
+
+Baseline: one process, rows in input order, `AutoModel` + the APM head, a fixed batch of 32 rows
+padded to the longest row of the batch (the Hugging Face tokenizer's `padding="longest"`).
+Ours: `ray_jobs.relabel` on a local Ray (2 actors, length-sorted token-budget batches). Both
+times include loading the model; Ray's own start-up is not counted. Prints rows/s of each, the
+ratio, peak memory, and the largest difference between the two sets of predictions (same model,
+so it must be ~0). Without --apm an untrained APM on the packaged MiniLM is used: speed does not
+depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def baseline(apm: Path, data: Path, batch_size: int, out: Path) -> None:
+    """Runs in its own process, so its peak memory is its own."""
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(apm)
+    model = AutoModel.from_pretrained(apm).eval()
+    head = load_file(str(apm / "head.safetensors"))
+    weight, bias = head["weight"], head["bias"]
+    max_length = json.loads((apm / "apm_config.json").read_text())["max_length"]
+    rows = [r for f in sorted(data.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    preds = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            enc = tokenizer(
+                [r["prompt"] for r in batch],
+                [r["response"] for r in batch],
+                padding="longest",
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
+            hidden = model(**enc).last_hidden_state  # (batch, seq, hidden)
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            preds.append((pooled @ weight.T + bias).numpy())
+    seconds = time.perf_counter() - started
+    np.save(out / "baseline.npy", np.concatenate(preds))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "baseline.json").write_text(
+        json.dumps({"rows": len(rows), "seconds": seconds, "peak_rss_mb": peak})
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--apm", type=Path, help="a trained APM folder (default: untrained, packaged MiniLM)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the baseline's fixed batch size")
+    parser.add_argument(
+        "--baseline-only", nargs=2, type=Path, metavar=("DATA", "OUT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.baseline_only:
+        baseline(args.apm, args.baseline_only[0], args.batch_size, args.baseline_only[1])
+        return
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from helpsteer_core.apm import APMConfig, AttributePredictionModel
+    from helpsteer_core.synthetic import generate
+    from ray_jobs.relabel import RelabelConfig, run
+
+    work = Path(tempfile.mkdtemp(prefix="bench-relabel-"))
+    apm = args.apm
+    if apm is None:
+        apm = work / "apm"
+        AttributePredictionModel.from_backbone(APMConfig()).save_pretrained(apm)
+    data = work / "data"
+    data.mkdir()
+    rows = generate(args.rows, args.seed)
+    pq.write_table(pa.Table.from_pylist(rows), data / "rows.parquet")
+    lengths = [len(r["prompt"]) + len(r["response"]) for r in rows]
+    print(f"{len(rows)} rows, characters per row: median {int(np.median(lengths))}, max {max(lengths)}")
+
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--apm",
+            str(apm),
+            "--batch-size",
+            str(args.batch_size),
+            "--baseline-only",
+            str(data),
+            str(work),
+        ],
+        check=True,
+    )
+    base = json.loads((work / "baseline.json").read_text())
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    stats = run(
+        RelabelConfig.model_validate(
+            {
+                "apm": str(apm),
+                "data": str(data),
+                "out": str(work / "ours"),
+                "tracking": {"enabled": False},
+            }
+        )
+    )
+    ours = pq.read_table(sorted((work / "ours").glob("part-*.parquet"))).to_pandas()
+    names = [
+        c[4:]
+        for c in ours.columns
+        if c.startswith("apm_") and not c.endswith("_int") and c not in ("apm_model", "apm_schema")
+    ]
+    from helpsteer_core.attributes import STEERLM
+
+    ours_pred = ours[[f"apm_{n}" for n in names]].to_numpy()
+    base_pred = np.load(work / "baseline.npy")[:, [STEERLM.index(n) for n in names]]
+    base_rps = base["rows"] / base["seconds"]
+    print(
+        f"baseline (1 process, batch {args.batch_size}, input order): {base_rps:.1f} rows/s, "
+        f"{base['seconds']:.1f} s, peak RSS {base['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        f"relabel stage (Ray Data, {2} actors, token budget):        {stats['rows_per_second']:.1f} rows/s, "
+        f"{stats['seconds']:.1f} s, peak RSS per actor {stats['peak_rss_mb_per_actor']:.0f} MB"
+    )
+    print(f"ratio (ours / baseline): {stats['rows_per_second'] / base_rps:.2f}x")
+    print(f"largest prediction difference: {np.abs(ours_pred - base_pred).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
