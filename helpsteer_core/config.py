@@ -97,7 +97,13 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def validate_config(model: type[T], data: dict[str, Any], where: str, text: str | None = None) -> T:
+def validate_config(
+    model: type[T],
+    data: dict[str, Any],
+    where: str,
+    text: str | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -105,9 +111,13 @@ def validate_config(model: type[T], data: dict[str, Any], where: str, text: str 
         messages = []
         for error in exc.errors():
             loc = tuple(str(p) for p in error["loc"])
-            line = lines.get(loc) or lines.get(loc[:-1])
-            place = f"{where}:{line}" if line else where
             dotted = ".".join(loc) or "(top level)"
+            overridden = [o for o in overrides if o.partition("=")[0].strip() == dotted]
+            line = lines.get(loc) or lines.get(loc[:-1])
+            if overridden:
+                place = f"override {overridden[-1]!r}"
+            else:
+                place = f"{where}:{line}" if line else where
             if error["type"] == "extra_forbidden":
                 allowed = ", ".join(_allowed_keys(model, error["loc"]))
                 messages.append(f"{place}: {dotted}: unknown key; allowed: {allowed}")
@@ -142,7 +152,7 @@ def load_config(
             raise ConfigError(f"{where}: expected a mapping of keys, found {type(loaded).__name__}")
         data.update(loaded)
     data = apply_overrides(data, overrides)
-    return validate_config(model, data, where, text)
+    return validate_config(model, data, where, text, overrides)
 
 
 def dump_config(config: BaseModel) -> str:

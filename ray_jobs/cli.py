@@ -17,8 +17,7 @@ from typing import Annotated
 
 import typer
 
-from helpsteer_core.config import ConfigError, load_config, resolve_path
-from helpsteer_core.readers import SourceError
+from helpsteer_core.config import load_config, resolve_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -59,11 +58,13 @@ def _run_stage(module_name: str, config_cls: str, config: Path | None, overrides
     red line and exit status 2."""
     import importlib
 
+    from ray_jobs.runtime import STAGE_ERRORS
+
     module = importlib.import_module(f"ray_jobs.{module_name}")
     _setup_logging()
     try:
         module.run(load_config(getattr(module, config_cls), config, overrides))
-    except (ConfigError, SourceError, ValueError, FileNotFoundError) as exc:
+    except STAGE_ERRORS as exc:
         _fail(exc)
 
 
@@ -145,14 +146,7 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole pipeline (the stages that exist so far) under one MLflow run."""
-    from ray_jobs import pipeline
-
-    _setup_logging()
-    try:
-        cfg = load_config(pipeline.PipelineConfig, config, list(set_ or []))
-        pipeline.run(cfg)
-    except (ConfigError, SourceError, ValueError) as exc:
-        _fail(exc)
+    _run_stage("pipeline", "PipelineConfig", config, list(set_ or []))
 
 
 @app.command()

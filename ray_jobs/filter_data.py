@@ -15,7 +15,6 @@ Writes, under `out`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -30,7 +29,7 @@ import pyarrow as pa
 import ray
 
 from helpsteer_core.attributes import STEERLM
-from helpsteer_core.config import StrictModel, dump_config, load_config, resolve_path
+from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.filters import (
     FILTER_NAMES,
     FILTERED,
@@ -42,8 +41,8 @@ from helpsteer_core.filters import (
     find_duplicates,
 )
 from helpsteer_core.model_sources import count_tokens, load_tokenizer
-from helpsteer_core.readers import HF_PREFIX, Shard, SourceError, iter_raw_rows, resolve_source
-from ray_jobs.runtime import ensure_ray, quiet_ray_data
+from helpsteer_core.readers import HF_PREFIX, Shard, iter_raw_rows, resolve_source
+from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.filter_data")
@@ -281,22 +280,7 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ray_jobs.filter_data", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", help="YAML file (see configs/filter_data.yaml)")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted.key=value, e.g. filters.max_response_tokens=2048"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = load_config(FilterStageConfig, args.config, args.overrides)
-        run(config)
-    except (SourceError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(__doc__, "python -m ray_jobs.filter_data", FilterStageConfig, run, argv)
 
 
 if __name__ == "__main__":

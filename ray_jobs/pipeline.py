@@ -11,7 +11,6 @@ Each stage runs as a nested MLflow run under one parent run; a summary table clo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -26,12 +25,12 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from helpsteer_core.config import ConfigError, StrictModel, load_config, resolve_path
-from helpsteer_core.readers import SourceError
+from helpsteer_core.config import StrictModel, resolve_path
 from helpsteer_core.synthetic import write_synthetic
 from ray_jobs import filter_data
 from ray_jobs import relabel as relabel_stage
 from ray_jobs import train_apm as train_apm_stage
+from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.pipeline")
@@ -152,18 +151,7 @@ def _print_summary(summary: dict[str, Any], runs: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="pipeline profile, e.g. configs/local.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        summary = run(load_config(PipelineConfig, args.config, args.overrides))
-    except (ConfigError, SourceError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary["filter"]["total"]))
-    return 0
+    return stage_main(__doc__, "python -m ray_jobs.pipeline", PipelineConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ input row ends up in exactly one output row.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,10 +35,10 @@ from pydantic import Field
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
-from helpsteer_core.config import StrictModel, dump_config, load_config, resolve_path
+from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import round_clip
 from helpsteer_core.readers import HF_PREFIX, SourceError, Unit, plan_units, read_unit, resolve_source
-from ray_jobs.runtime import ensure_ray, quiet_ray_data
+from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.relabel")
@@ -231,17 +230,7 @@ def run(config: RelabelConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.relabel", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file (see configs/relabel.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. actors=4")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        run(load_config(RelabelConfig, args.config, args.overrides))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(__doc__, "python -m ray_jobs.relabel", RelabelConfig, run, argv)
 
 
 if __name__ == "__main__":

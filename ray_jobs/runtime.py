@@ -6,13 +6,23 @@ shell it starts a local instance. Either way the job's code is the same.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
+from pydantic import BaseModel
+
+from helpsteer_core.config import ConfigError, load_config
+from helpsteer_core.readers import SourceError
 
 log = logging.getLogger(__name__)
+# Errors in what the user gave (config, paths, data): one line and exit status 2.
+STAGE_ERRORS = (ConfigError, SourceError, ValueError, FileNotFoundError)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -54,3 +64,28 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input and config -> same row order
     ctx.enable_progress_bars = os.environ.get("HELPSTEER_PROGRESS", "1") != "0"
+
+
+def stage_main(
+    doc: str | None,
+    prog: str,
+    config_cls: type[BaseModel],
+    run: Callable[[Any], Any],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """`python -m ray_jobs.<stage> --config FILE [dotted.key=value ...]` for every stage.
+
+    Config and input errors print one line naming the file, line and key (or the path) and
+    return 2; anything else is a bug or an infrastructure failure and keeps its traceback.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. tracking.runs_dir=/mnt/runs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run(load_config(config_cls, args.config, args.overrides))
+    except STAGE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -15,7 +15,6 @@ evaluated (metrics.json, predictions.png) and registered in MLflow as `helpsteer
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -48,9 +47,9 @@ from helpsteer_core.apm import (
     targets_from_rows,
 )
 from helpsteer_core.attributes import STEERLM
-from helpsteer_core.config import StrictModel, dump_config, load_config, resolve_path
+from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
-from ray_jobs.runtime import ensure_ray
+from ray_jobs.runtime import ensure_ray, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.train_apm")
@@ -380,17 +379,7 @@ def _numeric(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train_apm", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file (see configs/train_apm.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. max_steps=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        run(load_config(TrainAPMConfig, args.config, args.overrides))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(__doc__, "python -m ray_jobs.train_apm", TrainAPMConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):
-    data, out, runs = tmp_path / "synth", tmp_path / "filtered", tmp_path / "runs"
-    write_synthetic(data, rows=300, seed=11)
+def _submit(ray_head, *stage_args: str) -> subprocess.CompletedProcess[str]:
+    """`ray job submit --working-dir . -- python -m ray_jobs.filter_data ...`, as the README says."""
     command = [
         str(Path(sys.executable).parent / "ray"),
         "job",
@@ -34,11 +33,15 @@ def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):
         "ray_jobs.filter_data",
         "--config",
         "configs/filter_data.yaml",
-        f"data={data}",
-        f"out={out}",
-        f"tracking.runs_dir={runs}",
+        *stage_args,
     ]
-    done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+
+
+def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):
+    data, out, runs = tmp_path / "synth", tmp_path / "filtered", tmp_path / "runs"
+    write_synthetic(data, rows=300, seed=11)
+    done = _submit(ray_head, f"data={data}", f"out={out}", f"tracking.runs_dir={runs}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
 
@@ -51,23 +54,6 @@ def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):
 
 
 def test_job_with_a_bad_config_key_fails_and_says_which_key(ray_head, tmp_path):
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_head.dashboard_url,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-m",
-        "ray_jobs.filter_data",
-        "--config",
-        "configs/filter_data.yaml",
-        f"out={tmp_path / 'out'}",
-        "filters.max_tokns=5",
-    ]
-    done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    done = _submit(ray_head, f"out={tmp_path / 'out'}", "filters.max_tokns=5")
     assert done.returncode != 0
     assert "filters.max_tokns: unknown key" in done.stdout + done.stderr

@@ -74,3 +74,72 @@ def test_missing_data_fails_before_ray_work(tmp_path):
     config = TrainAPMConfig.model_validate({"data": str(tmp_path / "nothing"), "out": str(tmp_path / "apm")})
     with pytest.raises(FileNotFoundError, match="run the filter stage first"):
         run(config)
+
+
+def test_helpsteer2_sample_trains_evaluates_and_relabels_keeping_human_columns(
+    ray_head, tiny_backbone, helpsteer2_sample, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    from ray_jobs.filter_data import FilterStageConfig
+    from ray_jobs.filter_data import run as run_filter
+    from ray_jobs.relabel import RelabelConfig
+    from ray_jobs.relabel import run as run_relabel
+
+    tracking = {"runs_dir": str(tmp_path / "runs")}
+    run_filter(
+        FilterStageConfig.model_validate(
+            {
+                "data": str(helpsteer2_sample),
+                "out": str(tmp_path / "filtered"),
+                "split": {"validation_fraction": 0.3},
+                "tracking": tracking,
+            }
+        )
+    )
+    report = run(
+        TrainAPMConfig.model_validate(
+            {
+                "data": str(tmp_path / "filtered"),
+                "out": str(tmp_path / "apm"),
+                "apm": {"backbone": str(tiny_backbone)},
+                "num_workers": 2,
+                "batch_size": 4,
+                "max_steps": 4,
+                "eval_every": 2,
+                "checkpoint_every": 4,
+                "run_name": "hs2",
+                "storage": str(tmp_path / "ray_train"),
+                "tracking": tracking,
+            }
+        )
+    )
+    assert set(report["attributes"]) == set(HELPSTEER_ATTRIBUTES)
+    assert all(m["n"] == report["rows"] > 0 for m in report["attributes"].values())
+
+    # Unseen rows: the validation prompts never met the APM in training.
+    stats = run_relabel(
+        RelabelConfig.model_validate(
+            {
+                "apm": str(tmp_path / "apm"),
+                "data": str(tmp_path / "filtered" / "validation"),
+                "out": str(tmp_path / "relabelled"),
+                "tracking": tracking,
+            }
+        )
+    )
+    before = [
+        r
+        for f in sorted((tmp_path / "filtered" / "validation").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    after = [
+        r
+        for f in sorted((tmp_path / "relabelled").glob("part-*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    assert stats["output_rows"] == len(before) == len(after)
+    for human, relabelled in zip(before, after, strict=True):
+        for name in HELPSTEER_ATTRIBUTES:
+            assert relabelled[name] == human[name]  # the human label, untouched
+            assert f"apm_{name}" in relabelled
