@@ -118,7 +118,9 @@ def test_override_creates_a_missing_section() -> None:
 
 def test_override_value_is_yaml_typed_so_quotes_keep_strings() -> None:
     assert load_config(Stage, overrides=["optimizer.name='true'"]).optimizer.name == "true"
-    with pytest.raises(ConfigError, match=r"overrides: optimizer.name: .*valid string \(got True\)"):
+    with pytest.raises(
+        ConfigError, match=r"override 'optimizer.name=true': optimizer.name: .*valid string \(got True\)"
+    ):
         load_config(Stage, overrides=["optimizer.name=true"])
 
 
@@ -135,7 +137,9 @@ def test_override_into_a_scalar_is_an_error(tmp_path: Path) -> None:
 
 
 def test_override_of_an_unknown_key_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"overrides: optimizer.lrr: unknown key; allowed: lr, name, steps"):
+    with pytest.raises(
+        ConfigError, match=r"override 'optimizer.lrr=1': optimizer.lrr: unknown key; allowed: lr, name, steps"
+    ):
         load_config(Stage, overrides=["optimizer.lrr=1"])
 
 
