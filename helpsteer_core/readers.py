@@ -297,4 +297,6 @@ def read_unit(unit: Unit) -> pa.Table:
             raise SourceError(
                 f"{shard.path}:{raw['input_line']}: not valid JSON ({exc.msg}); run the filter stage first"
             ) from None
-    return pa.Table.from_pylist(rows)
+    # Every key of every row becomes a column (from_pylist would take the first row's keys only).
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({key: [row.get(key) for row in rows] for key in keys})
