@@ -117,7 +117,7 @@ def main() -> None:
     )
     base = json.loads((work / "baseline.json").read_text())
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     stats = run(
         RelabelConfig.model_validate(
             {
@@ -148,7 +148,19 @@ def main() -> None:
         f"{stats['seconds']:.1f} s, peak RSS per actor {stats['peak_rss_mb_per_actor']:.0f} MB"
     )
     print(f"ratio (ours / baseline): {stats['rows_per_second'] / base_rps:.2f}x")
-    print(f"largest prediction difference: {np.abs(ours_pred - base_pred).max():.2e}")
+    # Rows longer than max_length are truncated differently on purpose (the baseline's
+    # longest_first cuts the response end; ours cuts the prompt start), so compare the rest.
+    from helpsteer_core.apm import load_apm_tokenizer
+
+    tokenizer = load_apm_tokenizer(apm)
+    max_length = json.loads((apm / "apm_config.json").read_text())["max_length"]
+    fits = np.array([len(tokenizer(r["prompt"], r["response"])["input_ids"]) <= max_length for r in rows])
+    diff = np.abs(ours_pred - base_pred).max(axis=1)
+    print(
+        f"largest prediction difference on the {fits.sum()} rows that fit in {max_length} tokens: "
+        f"{diff[fits].max():.2e}; on the {(~fits).sum()} truncated rows: "
+        f"{diff[~fits].max() if (~fits).any() else 0:.2e} (different truncation rules)"
+    )
 
 
 if __name__ == "__main__":
