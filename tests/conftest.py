@@ -80,6 +80,12 @@ def ray_head() -> Iterator[RayHead]:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}",
+            # Every port of its own, so a second Ray on this machine (a developer's) cannot take
+            # the head's agent port and leave jobs with "no available agent".
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,

@@ -32,8 +32,15 @@ DESIGN_VALUES = {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity
 
 def test_steerlm_is_nemo_order() -> None:
     assert STEERLM.names == (
-        "quality", "toxicity", "humor", "creativity",
-        "helpfulness", "correctness", "coherence", "complexity", "verbosity",
+        "quality",
+        "toxicity",
+        "humor",
+        "creativity",
+        "helpfulness",
+        "correctness",
+        "coherence",
+        "complexity",
+        "verbosity",
     )
     assert NEMO_ATTRIBUTES == STEERLM.names
     assert (STEERLM.low, STEERLM.high) == (0, 4)
@@ -179,9 +186,7 @@ def test_parse_odd_digit_strings_raise_attribute_errors(raw: str) -> None:
         parse_attributes(f"helpfulness:{raw}")
 
 
-@given(
-    st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4))
-)
+@given(st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4)))
 def test_parse_inverts_format(values: dict[str, int]) -> None:
     text = format_attributes(values)
     assert parse_attributes(text) == values

@@ -228,9 +228,9 @@ def test_turn_rejects_bad_role_and_user_attributes() -> None:
 
 
 # Texts that cannot contain the special tokens (they are the format's delimiters).
-plain_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40
-).filter(lambda s: not any(tok in s for tok in SPECIAL_TOKENS))
+plain_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
+    lambda s: not any(tok in s for tok in SPECIAL_TOKENS)
+)
 attribute_values = st.one_of(
     st.none(),
     st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4)),
@@ -261,9 +261,7 @@ def test_helpsteer2_sample_prompts_survive_parse_and_join(helpsteer2_sample) -> 
     rows = [json.loads(line) for line in helpsteer2_sample.read_text().splitlines()]
     assert len(rows) == 60
     changed = [
-        r["prompt"][-30:]
-        for r in rows
-        if join_prompt_turns(parse_prompt_turns(r["prompt"])) != r["prompt"]
+        r["prompt"][-30:] for r in rows if join_prompt_turns(parse_prompt_turns(r["prompt"])) != r["prompt"]
     ]
     assert changed == []
 

@@ -72,9 +72,7 @@ def test_no_core_source_file_has_a_framework_import_line() -> None:
     files = sorted(CORE_DIR.rglob("*.py"))
     assert len(files) >= 8
     offenders = {
-        str(path.relative_to(REPO)): hits
-        for path in files
-        if (hits := forbidden_imports(path.read_text()))
+        str(path.relative_to(REPO)): hits for path in files if (hits := forbidden_imports(path.read_text()))
     }
     assert offenders == {}
 

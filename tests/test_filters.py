@@ -79,9 +79,7 @@ def test_zero_validation_fraction_puts_everything_in_train() -> None:
 
 
 def test_all_responses_of_a_prompt_share_a_split() -> None:
-    items = [
-        row(prompt=f"question {i % 300}", response=f"answer {i}") for i in range(1200)
-    ]
+    items = [row(prompt=f"question {i % 300}", response=f"answer {i}") for i in range(1200)]
     table = assess_rows(raws(*items), FilterConfig(), SplitConfig(validation_fraction=0.3), words)
     splits_by_prompt: dict[str, set[str]] = {}
     for r in table.to_pylist():
@@ -192,8 +190,12 @@ def test_required_attributes_filter_names_the_missing_ones() -> None:
 @pytest.mark.parametrize(
     ("item", "filters", "name", "reason"),
     [
-        (row(prompt="hi"), {"min_prompt_tokens": 2}, "prompt_tokens",
-         "prompt_tokens=1 < min_prompt_tokens=2"),
+        (
+            row(prompt="hi"),
+            {"min_prompt_tokens": 2},
+            "prompt_tokens",
+            "prompt_tokens=1 < min_prompt_tokens=2",
+        ),
         (row(), {"max_prompt_tokens": 3}, "prompt_tokens", "prompt_tokens=4 > max_prompt_tokens=3"),
         (row(), {"min_response_tokens": 4}, "response_tokens", "response_tokens=3 < min_response_tokens=4"),
         (row(), {"max_response_tokens": 2}, "response_tokens", "response_tokens=3 > max_response_tokens=2"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,15 @@ def _submit(ray_head, *stage_args: str) -> subprocess.CompletedProcess[str]:
         "configs/filter_data.yaml",
         *stage_args,
     ]
-    return subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):
+        done = subprocess.run(
+            command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600
+        )
+        # The head's agent registers a few seconds after the dashboard answers.
+        if "No available agent to submit job" not in done.stderr:
+            return done
+        time.sleep(2)
+    return done
 
 
 def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):

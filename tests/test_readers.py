@@ -14,9 +14,7 @@ import pytest
 from helpsteer_core import readers
 from helpsteer_core.readers import FILE_SUFFIXES, Shard, SourceError, iter_raw_rows, resolve_source
 
-ROWS = [
-    {"prompt": f"prompt {i}", "response": f"response {i}", "helpfulness": i % 5} for i in range(6)
-]
+ROWS = [{"prompt": f"prompt {i}", "response": f"response {i}", "helpfulness": i % 5} for i in range(6)]
 RAW_KEYS = {"input_file", "input_line", "input_order", "raw", "read_error"}
 
 
@@ -157,9 +155,11 @@ def test_crlf_line_endings_are_not_part_of_the_row(tmp_path: Path) -> None:
 def test_bad_utf8_line_is_one_row_with_read_error(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_bytes(
-        json.dumps(ROWS[0]).encode() + b"\n"
+        json.dumps(ROWS[0]).encode()
+        + b"\n"
         + b'{"prompt": "caf\xe9"}\n'
-        + json.dumps(ROWS[1]).encode() + b"\n"
+        + json.dumps(ROWS[1]).encode()
+        + b"\n"
     )
     rows = read_all(str(path))
     assert [r["input_line"] for r in rows] == [1, 2, 3]
@@ -171,8 +171,10 @@ def test_bad_utf8_line_is_one_row_with_read_error(tmp_path: Path) -> None:
 
 def _big_rows(n: int) -> list[dict]:
     # Text that does not compress away, so a cut file still holds whole lines.
-    return [{"prompt": f"p{i} " + " ".join(str(i * 7919 + j * 104729) for j in range(40)),
-             "response": "r"} for i in range(n)]
+    return [
+        {"prompt": f"p{i} " + " ".join(str(i * 7919 + j * 104729) for j in range(40)), "response": "r"}
+        for i in range(n)
+    ]
 
 
 def test_truncated_gzip_yields_good_rows_then_one_error_row(tmp_path: Path) -> None:

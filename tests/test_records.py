@@ -40,11 +40,22 @@ def test_good_row_becomes_a_record() -> None:
     assert (record.prompt, record.response) == ("What is 2 + 2?", "It is 4.")
     # Every schema attribute is present, None where the row has no label.
     assert dict(record.attributes) == {
-        "quality": None, "toxicity": None, "humor": None, "creativity": None,
-        "helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 0, "verbosity": 1,
+        "quality": None,
+        "toxicity": None,
+        "humor": None,
+        "creativity": None,
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 0,
+        "verbosity": 1,
     }
     assert record.labelled() == {
-        "helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 0, "verbosity": 1,
+        "helpfulness": 4,
+        "correctness": 4,
+        "coherence": 4,
+        "complexity": 0,
+        "verbosity": 1,
     }
     assert record.extra == {}
 

@@ -246,9 +246,7 @@ def test_coherence_is_four_minus_the_disruptions(
 ) -> None:
     seen: Counter[str] = Counter()
     for row, plan in planned:
-        assert (
-            row["coherence"] == syn.coherence_label(plan.disruptions) == 4 - len(plan.disruptions)
-        )
+        assert row["coherence"] == syn.coherence_label(plan.disruptions) == 4 - len(plan.disruptions)
         seen.update(plan.disruptions)
     assert set(seen) == set(syn.DISRUPTIONS)
 
@@ -279,9 +277,7 @@ def test_each_disruption_is_visible_in_the_text(
 
         if "off_topic" in plan.disruptions:
             assert len(off) == 1 and off[0] > 0
-            assert not any(
-                re.search(rf"\b{re.escape(n)}\b", sentences[off[0]], re.I) for n in entity_names
-            )
+            assert not any(re.search(rf"\b{re.escape(n)}\b", sentences[off[0]], re.I) for n in entity_names)
         else:
             assert off == []
 
@@ -395,15 +391,11 @@ def test_a_wrong_fact_differs_from_the_right_one_only_in_the_value(
 
 
 def test_no_marker_tokens_or_tags(rows: list[dict]) -> None:
-    tag = re.compile(
-        r"\[\s*\d+\s*\]|[\[\]<>{}]|\b(?:" + "|".join(HELPSTEER_ATTRIBUTES) + r")\s*[:=]", re.I
-    )
+    tag = re.compile(r"\[\s*\d+\s*\]|[\[\]<>{}]|\b(?:" + "|".join(HELPSTEER_ATTRIBUTES) + r")\s*[:=]", re.I)
     for row in rows:
         assert not tag.search(row["response"]), row["response"]
         prompt = (
-            row["prompt"]
-            .replace("\n<extra_id_1>Assistant\n", "\n")
-            .replace("\n<extra_id_1>User\n", "\n")
+            row["prompt"].replace("\n<extra_id_1>Assistant\n", "\n").replace("\n<extra_id_1>User\n", "\n")
         )
         assert not tag.search(prompt), row["prompt"]
         for name in HELPSTEER_ATTRIBUTES:
