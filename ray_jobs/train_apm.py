@@ -195,11 +195,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
     if rank == 0:
-        print(
+        log.info(
             f"apm: {len(train_rows)} train / {len(val_rows)} validation rows; batch {config.batch_size} x "
             f"{world} workers = {config.batch_size * world} rows/step; {per_epoch} steps/epoch; "
-            f"steps {start_step}..{total}",
-            flush=True,
+            f"steps {start_step}..{total}"
         )
     client = mlflow.MlflowClient(loop_config["tracking_uri"]) if rank == 0 and loop_config["run_id"] else None
     pad = pad_token_id(tokenizer)
@@ -233,16 +232,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics["tokens_per_s"] = window_tokens / max(window_seconds, 1e-9)
             window_tokens, window_seconds = 0, 0.0
             if rank == 0:
-                print(
+                log.info(
                     f"apm step {done}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                    f"tokens/s {metrics['tokens_per_s']:.0f}",
-                    flush=True,
+                    f"tokens/s {metrics['tokens_per_s']:.0f}"
                 )
         evaluate = done % config.eval_every == 0 or done == total
         save = done % config.checkpoint_every == 0 or done == total
         if evaluate and rank == 0:
             metrics.update(_validation_rmse(model, val, device))
-            print(f"apm step {done}: validation rmse {metrics['val_rmse_mean']:.4f}", flush=True)
+            log.info(f"apm step {done}: validation rmse {metrics['val_rmse_mean']:.4f}")
         if client is not None:
             stamp = int(time.time() * 1000)
             client.log_batch(
