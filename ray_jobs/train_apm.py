@@ -90,11 +90,15 @@ class TrainAPMConfig(TrainAPMSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-def read_split(folder: Path) -> list[dict[str, Any]]:
+def split_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder}: no Parquet files; run the filter stage first")
-    return [row for f in files for row in pq.read_table(f).to_pylist()]
+    return files
+
+
+def read_split(folder: Path) -> list[dict[str, Any]]:
+    return [row for f in split_files(folder) for row in pq.read_table(f).to_pylist()]
 
 
 def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
@@ -285,15 +289,21 @@ def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None
     Writes `out/metrics.json` and `out/predictions.png`. The baseline predicts the mean label of
     `train_data` (the training split; defaults to `data` itself).
     """
-    model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA)
     rows = read_split(data)
     train_rows = read_split(train_data) if train_data is not None else rows
+    return _evaluate(model_dir, rows, train_rows, out, str(data))
+
+
+def _evaluate(
+    model_dir: Path, rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], out: Path, data: str
+) -> dict[str, Any]:
+    model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA)
     pred = predict(model, model.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
     human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
     train_human, train_mask = (t.numpy() for t in targets_from_rows(train_rows, SCHEMA))
     metrics = attribute_metrics(pred, human, mask, label_means(train_human, train_mask), SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": len(rows), "data": str(data), "model": str(model_dir), "attributes": metrics}
+    report = {"rows": len(rows), "data": data, "model": str(model_dir), "attributes": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_predictions(pred, human, mask, SCHEMA, out / "predictions.png")
     return report
@@ -302,7 +312,7 @@ def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None
 def run(config: TrainAPMConfig) -> dict[str, Any]:
     data, out = resolve_path(config.data), resolve_path(config.out)
     for split in ("train", "validation"):
-        read_split(data / split)  # fail before Ray starts if the data is not there
+        split_files(data / split)  # fail before Ray starts if the data is not there
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     ensure_ray()
@@ -334,11 +344,16 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE))
         (staging / "train_config.yaml").write_text(dump_config(resolved))
-        train_targets_mask = targets_from_rows(read_split(data / "train"), SCHEMA)[1]  # (rows, n_attr)
-        save_trained_attributes(
-            staging, [n for j, n in enumerate(SCHEMA.names) if train_targets_mask[:, j].any()]
+        train_rows = read_split(data / "train")  # read once: trained attributes and the baseline
+        train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
+        save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
+        report = _evaluate(
+            staging,
+            read_split(data / "validation"),
+            train_rows,
+            staging / "evaluation",
+            str(data / "validation"),
         )
-        report = evaluate_apm(staging, data / "validation", staging / "evaluation", data / "train")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
