@@ -90,8 +90,6 @@ def round_clip(preds: np.ndarray, schema: AttributeSchema) -> np.ndarray:
     return np.clip(np.floor(values + 0.5), schema.low, schema.high).astype(np.int64)
 
 
-
-
 def attribute_metrics(
     pred: np.ndarray,
     human: np.ndarray,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 HF_PREFIX = "hf:"
@@ -104,8 +105,6 @@ def _check_readable(path: Path, kind: str) -> None:
     """Open the file the way the reader will, so that an unreadable input fails before Ray starts."""
     try:
         if kind == "parquet":
-            import pyarrow.parquet as pq
-
             pq.ParquetFile(path)
         elif kind == "jsonl.gz":
             with gzip.open(path, "rb") as fh:
@@ -205,7 +204,6 @@ def _iter_jsonl(shard: Shard) -> Iterator[dict[str, Any]]:
 
 
 def _iter_parquet(shard: Shard) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
 
     line_no = 0
     try:
@@ -249,8 +247,6 @@ def count_rows(shard: Shard) -> int:
         with opener(shard.path, "rb") as fh:
             return sum(1 for line in fh if line.strip())
     if shard.kind == "parquet":
-        import pyarrow.parquet as pq
-
         return int(pq.ParquetFile(shard.path).metadata.num_rows)
     return shard.stop - shard.start
 
@@ -274,8 +270,6 @@ def read_unit(unit: Unit) -> pa.Table:
     Hugging Face sources; inferred from the JSON values for JSON Lines)."""
     shard = unit.shard
     if shard.kind == "parquet":
-        import pyarrow.parquet as pq
-
         return pq.read_table(shard.path).slice(unit.start, unit.stop - unit.start)
     if shard.kind in ("hf", "hf-disk"):
         loader = _load_hf if shard.kind == "hf" else _load_disk
@@ -300,3 +294,16 @@ def read_unit(unit: Unit) -> pa.Table:
     # Every key of every row becomes a column (from_pylist would take the first row's keys only).
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return pa.table({key: [row.get(key) for row in rows] for key in keys})
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    """The `*.parquet` files of a stage output folder (a split, relabel parts), in name order."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no Parquet files; run the stage that writes it first")
+    return files
+
+
+def read_parquet_rows(folder: Path) -> list[dict[str, Any]]:
+    """Every row of a stage output folder, as dicts, in file order (training data fits in RAM)."""
+    return [row for f in parquet_files(folder) for row in pq.read_table(f).to_pylist()]

@@ -136,7 +136,8 @@ def prepare_tokenizer_for_template(
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     _check_nemo_tokenizer(tokenizer)
     if model is not None:
-        rows = model.get_input_embeddings().weight.shape[0]
+        # num_embeddings, not weight.shape: under DeepSpeed ZeRO-3 the local weight is an empty shard.
+        rows = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer))
         generation = getattr(model, "generation_config", None)
@@ -477,6 +478,24 @@ def collate_sft(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) ->
     return batch
 
 
+def trained_token_count(labels: Sequence[int]) -> int:
+    """Tokens of one example that carry loss: its labels after the causal shift (the first label
+    is never predicted), not IGNORE_INDEX."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross-entropy over trained positions; logits (batch, seq, vocab), labels
+    (batch, seq) with IGNORE_INDEX on masked and padded positions, which contribute nothing.
+
+    A sum, not a mean: the training step divides by the trained tokens of the whole global batch,
+    so the loss and gradient do not depend on how the batch is cut into micro-batches and workers.
+    """
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 __all__ = [
     "CHAT_ATTRIBUTE_PREFIX",
     "IGNORE_INDEX",
@@ -490,4 +509,6 @@ __all__ = [
     "generation_prompt_ids",
     "pack_examples",
     "prepare_tokenizer_for_template",
+    "token_loss_sum",
+    "trained_token_count",
 ]

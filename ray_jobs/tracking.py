@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,6 +105,37 @@ class StageRun:
                 mlflow.log_artifacts(str(path), artifact_path=name)
             else:
                 mlflow.log_artifact(str(path))
+
+    def register_folder(self, name: str, folder: Path, description: str, schema_id: str) -> None:
+        """A registry version of model `name` that points at `folder` (no copy: models can be
+        hundreds of GB; the folder must stay where it is)."""
+        if self.run_id is None:
+            return
+        client = mlflow.MlflowClient()
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description=description)
+        version = client.create_model_version(
+            name, folder.as_uri(), run_id=self.run_id, tags={"attribute_schema": schema_id}
+        )
+        log.info("registered %s version %s -> %s", name, version.version, folder)
+
+
+class WorkerMetrics:
+    """Per-step metrics from a training worker into the stage's run (rank 0 only: other ranks
+    and disabled tracking get an object that logs nothing)."""
+
+    def __init__(self, tracking_uri: str, run_id: str | None, rank: int) -> None:
+        self.run_id = run_id if rank == 0 else None
+        self.client = mlflow.MlflowClient(tracking_uri) if self.run_id else None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        stamp = int(time.time() * 1000)
+        finite = [mlflow.entities.Metric(k, v, stamp, step) for k, v in metrics.items() if math.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=finite)
 
 
 @contextmanager

