@@ -167,17 +167,30 @@ class AttributePredictionModel(nn.Module):
         backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
         return cls(backbone, schema, config, tokenizer=load_apm_tokenizer(config.backbone))
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model folder (see the module docstring); returns its path."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write the model folder (see the module docstring); returns its path.
+
+        `state_dict` (this module's keys, `backbone.*` and `head.*`) replaces the live weights: a
+        trainer that shards parameters (DeepSpeed ZeRO-3) hands in the consolidated ones.
+        """
         if self.tokenizer is None:
             raise ValueError(
                 "this APM has no tokenizer; set model.tokenizer (from_backbone and from_pretrained do)"
             )
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        backbone = {
+            k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")
+        }
+        self.backbone.save_pretrained(out, state_dict=backbone)
         self.tokenizer.save_pretrained(out)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        head = {
+            k.removeprefix("head."): v.detach().cpu().contiguous()
+            for k, v in state_dict.items()
+            if k.startswith("head.")
+        }
         save_file(head, str(out / HEAD_FILE), metadata={"schema": self.schema.id})
         self.schema.save(out)
         (out / APM_CONFIG_FILE).write_text(self.config.model_dump_json(indent=2) + "\n")

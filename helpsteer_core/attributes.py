@@ -33,6 +33,14 @@ NEMO_ATTRIBUTES: tuple[str, ...] = (
 )
 HELPSTEER_ATTRIBUTES: tuple[str, ...] = NEMO_ATTRIBUTES[4:]
 
+# What a request that names no value for an attribute asks for. "helpsteer": the SteerLM /
+# HelpSteer paper's inference setting, every attribute 4 except toxicity, humor and creativity 0;
+# "helpsteer2": HelpSteer2's, the five HelpSteer attributes at 4 except complexity and verbosity 2.
+DEFAULT_ATTRIBUTES: dict[str, dict[str, int]] = {
+    "helpsteer": {name: 0 if name in ("toxicity", "humor", "creativity") else 4 for name in NEMO_ATTRIBUTES},
+    "helpsteer2": {name: 2 if name in ("complexity", "verbosity") else 4 for name in HELPSTEER_ATTRIBUTES},
+}
+
 
 class AttributeValueError(ValueError):
     """An attribute name or value that the schema does not allow."""

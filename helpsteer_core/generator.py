@@ -34,8 +34,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,8 +208,12 @@ def load_generator_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def load_generator(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_generator(
+    name: str, dtype: torch.dtype = torch.float32, device_map: str | None = None
+) -> tuple[Any, Any]:
     """(model, tokenizer) for `name`: an AutoModelForCausalLM in `dtype` and its tokenizer.
+
+    `device_map="auto"` spreads a model over the visible GPUs (a 70B replica over two 80 GB GPUs).
 
     The tokenizer always has a pad token (pad = eos when missing), and the model's config and
     generation config are given the same pad id, so `generate` does not warn or guess.
@@ -217,12 +222,65 @@ def load_generator(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, 
 
     source = resolve_generator(name)
     tokenizer = load_generator_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the decoded new tokens, special tokens removed
+    new_tokens: int
+    finished: bool  # stopped at an end-of-turn / eos id (False: ran out of max_new_tokens)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+) -> list[Generation]:
+    """Continue each prompt (token ids, e.g. from `sft_data.generation_prompt_ids`) in one batch.
+
+    Left-padded so every prompt ends at the same position; greedy when `temperature` is 0, else
+    seeded sampling. Stops at the generation config's eos ids plus `stop_ids`.
+    """
+    if not prompts:
+        return []
+    pad = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    eos = model.generation_config.eos_token_id
+    stops = sorted({*([] if eos is None else [eos] if isinstance(eos, int) else eos), *stop_ids})
+    sampling = temperature > 0
+    torch.manual_seed(seed)
+    output = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention.to(model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        eos_token_id=stops or None,
+        pad_token_id=pad,
+    )  # (batch, width + new)
+    results = []
+    for row in output[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        kept = row if end is None else row[:end]
+        text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+        results.append(Generation(text, len(kept), end is not None))
+    return results
 
 
 def tiny_llama(
@@ -261,7 +319,9 @@ def tiny_llama(
 __all__ = [
     "CACHE_ENV",
     "SMOLLM2",
+    "Generation",
     "GeneratorSourceError",
+    "generate_batch",
     "cached_smollm2",
     "convert_gguf",
     "default_cache_dir",

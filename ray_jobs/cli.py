@@ -3,6 +3,7 @@
 helpsteer synth --rows 2000 --seed 1 --out data/synth
 helpsteer filter --data data/synth --out runs/filtered
 helpsteer train-sft --data runs/relabelled --out runs/sft
+helpsteer evaluate --generator runs/sft --apm runs/apm --data runs/filtered/validation --out runs/eval
 helpsteer run --config configs/local.yaml
 helpsteer ui
 """
@@ -100,6 +101,23 @@ def train_sft(
     _run_stage("train_sft", "TrainSFTConfig", config, options + list(set_ or []))
 
 
+@app.command()
+def evaluate(
+    generator: Annotated[Path | None, typer.Option(help="The AC-SFT output folder")] = None,
+    apm: Annotated[Path | None, typer.Option(help="A trained APM folder")] = None,
+    data: Annotated[Path | None, typer.Option(help="Held-out Parquet rows")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where report.md, metrics.json and plots go")] = None,
+    mt_bench: Annotated[
+        Path | None, typer.Option("--mt-bench", help="FastChat question.jsonl: also write MT-Bench answers")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Steerability sweeps (Ray Data generation) against the untuned baseline; optional MT-Bench answers."""
+    options = _options(generator=generator, apm=apm, data=data, out=out, mt_bench=mt_bench)
+    _run_stage("evaluate", "EvaluateConfig", config, options + list(set_ or []))
+
+
 @app.command("evaluate-apm")
 def evaluate_apm(
     apm: Annotated[Path, typer.Option(help="A trained APM folder")],
@@ -160,10 +178,17 @@ def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline profile")] = Path(
         "configs/local.yaml"
     ),
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (earlier ones must be complete)")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun stages whose output is already complete")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the whole pipeline (the stages that exist so far) under one MLflow run."""
-    _run_stage("pipeline", "PipelineConfig", config, list(set_ or []))
+    """Run the whole pipeline (filter, train-apm, relabel, train-sft, evaluate) under one MLflow run;
+    stages whose output is complete for this config are skipped."""
+    options = _options(from_stage=from_, until_stage=until) + (["force=true"] if force else [])
+    _run_stage("pipeline", "PipelineConfig", config, options + list(set_ or []))
 
 
 @app.command()

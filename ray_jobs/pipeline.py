@@ -1,24 +1,32 @@
 r"""The SteerLM pipeline as one job, on the embedded default or any reader source.
 
-    helpsteer run --config configs/local.yaml
-    python -m ray_jobs.pipeline --config configs/local.yaml [key=value ...]
+    helpsteer run --config configs/local.yaml [--from train_sft] [--until evaluate]
+    python -m ray_jobs.pipeline --config configs/local.yaml [--from STAGE] [--until STAGE] [key=value ...]
     ray job submit --working-dir . -- \
         python -m ray_jobs.pipeline --config configs/local.yaml runs_dir=/abs/runs
 
-Stages so far: synthetic data (when no `data` is given) -> filter -> train-apm -> relabel.
-Each stage runs as a nested MLflow run under one parent run; a summary table closes the run.
+Stages, in order: filter -> train_apm -> relabel -> train_sft -> evaluate (on synthetic data
+when `data` is not set). Each runs as a nested MLflow run under one parent run. Each stage's
+output folder is `runs_dir/<stage>-<key>`, where the key hashes the stage's settings and the keys
+of its inputs, so a changed SFT setting gives train_sft and evaluate new keys and nothing else.
+A stage whose output is complete (its record in `runs_dir/.pipeline/`) is skipped and says so;
+`runs_dir/filtered`, `apm`, `relabelled`, `sft` and `eval` link to the current outputs. `--from`
+starts at a stage (the earlier ones must be complete), `--until` stops after one, and
+`force=true` reruns complete stages in that range.
+A summary table closes the run.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
-import shutil
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 from pydantic import Field
@@ -26,14 +34,27 @@ from rich.console import Console
 from rich.table import Table
 
 from helpsteer_core.config import StrictModel, resolve_path
-from helpsteer_core.synthetic import write_synthetic
+from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
+from ray_jobs import evaluate as evaluate_stage
 from ray_jobs import filter_data
 from ray_jobs import relabel as relabel_stage
 from ray_jobs import train_apm as train_apm_stage
+from ray_jobs import train_sft as train_sft_stage
 from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.pipeline")
+STAGES = ("filter", "train_apm", "relabel", "train_sft", "evaluate")
+Stage = Literal["filter", "train_apm", "relabel", "train_sft", "evaluate"]
+RECORDS = ".pipeline"
+# runs_dir/<link> -> the current output of each stage (the paths the stage configs default to).
+LINKS = {
+    "filter": "filtered",
+    "train_apm": "apm",
+    "relabel": "relabelled",
+    "train_sft": "sft",
+    "evaluate": "eval",
+}
 
 
 class SyntheticConfig(StrictModel):
@@ -52,107 +73,237 @@ class PipelineConfig(StrictModel):
     filter: filter_data.FilterSettings = filter_data.FilterSettings()
     apm: train_apm_stage.TrainAPMSettings = train_apm_stage.TrainAPMSettings()
     relabel: relabel_stage.RelabelSettings = relabel_stage.RelabelSettings()
+    sft: train_sft_stage.TrainSFTSettings = train_sft_stage.TrainSFTSettings()
+    evaluate: evaluate_stage.EvaluateSettings = evaluate_stage.EvaluateSettings()
     experiment: str = "helpsteer"
+    from_stage: Stage = "filter"  # --from: earlier stages must already be complete
+    until_stage: Stage = "evaluate"  # --until: the last stage to run
+    force: bool = False  # rerun stages in range even when their output is complete
+
+
+def _key(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+class _Plan:
+    """Where each stage's output goes, keyed by its settings and its inputs' keys."""
+
+    def __init__(self, config: PipelineConfig, runs: Path, data: str) -> None:
+        dump = {name: getattr(config, name).model_dump(mode="json") for name in ("filter", "apm", "relabel")}
+        dump |= {
+            "sft": config.sft.model_dump(mode="json"),
+            "evaluate": config.evaluate.model_dump(mode="json"),
+        }
+        self.keys: dict[str, str] = {}
+        self.keys["filter"] = _key(data, dump["filter"])
+        self.keys["train_apm"] = _key(self.keys["filter"], dump["apm"])
+        self.keys["relabel"] = _key(self.keys["train_apm"], dump["relabel"])
+        self.keys["train_sft"] = _key(self.keys["relabel"], self.keys["filter"], dump["sft"])
+        self.keys["evaluate"] = _key(self.keys["train_sft"], self.keys["train_apm"], dump["evaluate"])
+        self.runs = runs
+
+    def out(self, stage: str) -> Path:
+        return self.runs / f"{stage}-{self.keys[stage]}"
+
+    def record(self, stage: str) -> Path:
+        return self.runs / RECORDS / f"{stage}-{self.keys[stage]}.json"
+
+    def complete(self, stage: str) -> dict[str, Any] | None:
+        record = self.record(stage)
+        if record.is_file() and self.out(stage).exists():
+            return dict(json.loads(record.read_text()))
+        return None
+
+    def finish(self, stage: str, summary: dict[str, Any]) -> None:
+        record = self.record(stage)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        link = self.runs / LINKS[stage]
+        if link.is_symlink() or not link.exists():  # never replaces a real folder
+            tmp = self.runs / f".{LINKS[stage]}.link"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.out(stage).name)
+            os.replace(tmp, link)
+
+
+def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
+    rows, seed = config.synthetic.rows, config.synthetic.seed
+    folder = runs / "data" / f"synthetic-v{GENERATOR_VERSION}-rows{rows}-seed{seed}"
+    if not (folder / "manifest.json").is_file():
+        files = write_synthetic(folder, rows=rows, seed=seed)
+        log.info("synthetic: %d rows in %d file(s) -> %s", rows, len(files), folder)
+    return str(folder)
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
     runs = resolve_path(config.runs_dir)
+    first, last = STAGES.index(config.from_stage), STAGES.index(config.until_stage)
+    if first > last:
+        raise ValueError(
+            f"--from {config.from_stage} comes after --until {config.until_stage}; order: {STAGES}"
+        )
     tracking = TrackingConfig(runs_dir=str(runs), experiment=config.experiment)
+    data = config.data or _synthetic_source(config, runs)
+    plan = _Plan(config, runs, data)
+    for stage in STAGES[:first]:
+        if plan.complete(stage) is None:
+            raise ValueError(
+                f"--from {config.from_stage}: the earlier stage {stage} has no complete output for this "
+                "config "
+                f"({plan.out(stage)}); run from {stage} or earlier"
+            )
+    stages: dict[str, Callable[[], dict[str, Any]]] = {
+        "filter": lambda: _filter(config, plan, data, tracking),
+        "train_apm": lambda: _train_apm(config, plan, tracking),
+        "relabel": lambda: _relabel(config, plan, tracking),
+        "train_sft": lambda: _train_sft(config, plan, tracking),
+        "evaluate": lambda: _evaluate(config, plan, tracking),
+    }
     summary: dict[str, Any] = {}
+    status: dict[str, str] = {}
     with stage_run("pipeline", config, tracking):
-        data = config.data
-        if data is None:
-            folder = runs / "data" / f"synthetic-rows{config.synthetic.rows}-seed{config.synthetic.seed}"
-            files = write_synthetic(folder, rows=config.synthetic.rows, seed=config.synthetic.seed)
-            log.info("synthetic: %d rows in %d file(s) -> %s", config.synthetic.rows, len(files), folder)
-            data = str(folder)
-        filter_config = filter_data.FilterStageConfig.model_validate(
-            {
-                **config.filter.model_dump(),
-                "data": data,
-                "out": str(runs / "filtered"),
-                "tracking": tracking.model_dump(),
-            }
-        )
-        summary["filter"] = filter_data.run(filter_config)
-        apm_config = train_apm_stage.TrainAPMConfig.model_validate(
-            {
-                **config.apm.model_dump(),
-                "data": str(runs / "filtered"),
-                "out": str(runs / "apm"),
-                "storage": str(runs / "ray_train"),
-                "run_name": f"apm-{_fingerprint(config, data)}",
-                "tracking": tracking.model_dump(),
-            }
-        )
-        summary["apm"] = train_apm_stage.run(apm_config)
-        # Relabel the training split: the APM's attributes beside the human ones, for AC-SFT.
-        relabelled = runs / "relabelled"
-        if relabelled.exists():
-            shutil.rmtree(relabelled)  # the APM was just retrained: earlier parts are stale
-        relabel_config = relabel_stage.RelabelConfig.model_validate(
-            {
-                **config.relabel.model_dump(),
-                "apm": str(runs / "apm"),
-                "data": str(runs / "filtered" / "train"),
-                "out": str(relabelled),
-                "tracking": tracking.model_dump(),
-            }
-        )
-        summary["relabel"] = relabel_stage.run(relabel_config)
+        for index, stage in enumerate(STAGES):
+            done = plan.complete(stage)
+            if index < first or index > last:
+                if done is not None:
+                    summary[stage], status[stage] = done, "earlier run"
+                continue
+            if done is not None and not config.force:
+                log.info("pipeline: %s is complete for this config (%s); skipped", stage, plan.out(stage))
+                mlflow.set_tag(f"skipped.{stage}", str(plan.out(stage)))
+                summary[stage], status[stage] = done, "skipped (complete)"
+                continue
+            log.info("pipeline: running %s -> %s", stage, plan.out(stage))
+            summary[stage] = stages[stage]()
+            plan.finish(stage, summary[stage])
+            status[stage] = "ran"
         mlflow.log_dict(summary, "pipeline_summary.json")
-    _print_summary(summary, runs)
+    _print_summary(summary, status, plan)
     return summary
 
 
-def _fingerprint(config: PipelineConfig, data: str) -> str:
-    """Names the APM's Ray Train run after what it trains on, so an interrupted pipeline resumes
-    its own run and a changed config starts a new one."""
-    text = json.dumps(
+def _filter(config: PipelineConfig, plan: _Plan, data: str, tracking: TrackingConfig) -> dict[str, Any]:
+    stage_config = filter_data.FilterStageConfig.model_validate(
         {
+            **config.filter.model_dump(),
             "data": data,
-            "filter": config.filter.model_dump(mode="json"),
-            "apm": config.apm.model_dump(mode="json"),
-        },
-        sort_keys=True,
+            "out": str(plan.out("filter")),
+            "tracking": tracking.model_dump(),
+        }
     )
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return filter_data.run(stage_config)
 
 
-def _print_summary(summary: dict[str, Any], runs: Path) -> None:
+def _train_apm(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    stage_config = train_apm_stage.TrainAPMConfig.model_validate(
+        {
+            **config.apm.model_dump(),
+            "data": str(plan.out("filter")),
+            "out": str(plan.out("train_apm")),
+            "storage": str(plan.runs / "ray_train"),
+            "run_name": f"apm-{plan.keys['train_apm']}",  # an interrupted pipeline resumes its own run
+            "tracking": tracking.model_dump(),
+        }
+    )
+    return train_apm_stage.run(stage_config)
+
+
+def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    # The training split gets the APM's attributes beside the human ones, for AC-SFT.
+    stage_config = relabel_stage.RelabelConfig.model_validate(
+        {
+            **config.relabel.model_dump(),
+            "apm": str(plan.out("train_apm")),
+            "data": str(plan.out("filter") / "train"),
+            "out": str(plan.out("relabel")),
+            "tracking": tracking.model_dump(),
+        }
+    )
+    return relabel_stage.run(stage_config)
+
+
+def _train_sft(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    stage_config = train_sft_stage.TrainSFTConfig.model_validate(
+        {
+            **config.sft.model_dump(),
+            "data": str(plan.out("relabel")),
+            "validation": str(plan.out("filter") / "validation"),
+            "out": str(plan.out("train_sft")),
+            "storage": str(plan.runs / "ray_train"),
+            "run_name": f"sft-{plan.keys['train_sft']}",
+            "tracking": tracking.model_dump(),
+        }
+    )
+    return train_sft_stage.run(stage_config)
+
+
+def _evaluate(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    stage_config = evaluate_stage.EvaluateConfig.model_validate(
+        {
+            **config.evaluate.model_dump(),
+            "generator": str(plan.out("train_sft")),
+            "apm": str(plan.out("train_apm")),
+            "data": str(plan.out("filter") / "validation"),
+            "out": str(plan.out("evaluate")),
+            "tracking": tracking.model_dump(),
+        }
+    )
+    result = evaluate_stage.run(stage_config)
+    return {"out": result["out"], "steerability": result["steerability"]}
+
+
+def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan) -> None:
     table = Table(title="helpsteer pipeline")
-    table.add_column("stage")
-    table.add_column("result")
-    table.add_column("output")
-    stats = summary["filter"]["total"]
-    table.add_row(
-        "filter",
-        f"{stats['input_rows']} rows: kept {stats['kept']} (train {stats['train']}, "
-        f"validation {stats['validation']}), filtered {stats['filtered']}, rejected {stats['rejected']}",
-        str(runs / "filtered"),
-    )
-    agreement = ", ".join(
-        f"{name} r={m['pearson']:.2f}" if m["pearson"] is not None else f"{name} r=n/a"
-        for name, m in summary["apm"]["attributes"].items()
-    )
-    beats = sum(bool(m["beats_baseline_rmse"]) for m in summary["apm"]["attributes"].values())
-    table.add_row(
-        "train-apm",
-        f"validation Pearson: {agreement}; RMSE beats the mean baseline on {beats}/"
-        f"{len(summary['apm']['attributes'])}",
-        str(runs / "apm"),
-    )
-    rel = summary["relabel"]
-    table.add_row(
-        "relabel", f"{rel['output_rows']} rows, {rel['rows_per_second']} rows/s", str(runs / "relabelled")
-    )
-    Console().print(table)
-    Console().print(f"MLflow: helpsteer ui --runs-dir {runs}")
+    for column in ("stage", "status", "result", "output"):
+        table.add_column(column)
+    for stage in STAGES:
+        if stage not in summary:
+            table.add_row(stage, "not run", "", "")
+            continue
+        table.add_row(stage, status[stage], _result(stage, summary[stage]), str(plan.out(stage)))
+    console = Console()
+    console.print(table)
+    console.print(f"MLflow: helpsteer ui --runs-dir {plan.runs}")
+
+
+def _result(stage: str, result: dict[str, Any]) -> str:
+    if stage == "filter":
+        t = result["total"]
+        return (
+            f"{t['input_rows']} rows: kept {t['kept']} (train {t['train']}, validation {t['validation']}), "
+            f"filtered {t['filtered']}, rejected {t['rejected']}"
+        )
+    if stage == "train_apm":
+        attributes = result["attributes"]
+        pearson = ", ".join(
+            f"{n} {m['pearson']:.2f}" if m["pearson"] is not None else f"{n} n/a"
+            for n, m in attributes.items()
+        )
+        beats = sum(bool(m["beats_baseline_rmse"]) for m in attributes.values())
+        return f"validation Pearson: {pearson}; RMSE beats the mean on {beats}/{len(attributes)}"
+    if stage == "relabel":
+        return f"{result['output_rows']} rows, {result['rows_per_second']} rows/s"
+    if stage == "train_sft":
+        final = result.get("final", {})
+        loss = f"loss {final['loss']:.3f}" if "loss" in final else ""
+        val = f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""
+        return f"{result['steps']} steps x {result['global_batch_rows']} rows; {loss}{val}"
+    lines = []
+    for model, per in result["steerability"].items():
+        figures = ", ".join(f"{a} {next(iter(m.values())):.2f}" for a, m in per.items())
+        lines.append(f"{model}: {figures}")
+    return "Spearman (within prompt) " + "; ".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(__doc__, "python -m ray_jobs.pipeline", PipelineConfig, run, argv)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--from", dest="from_stage", choices=STAGES)
+    parser.add_argument("--until", dest="until_stage", choices=STAGES)
+    known, rest = parser.parse_known_args(argv)
+    extra = [f"{k}={v}" for k, v in vars(known).items() if v is not None]
+    return stage_main(__doc__, "python -m ray_jobs.pipeline", PipelineConfig, run, [*rest, *extra])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -32,12 +32,15 @@ import torch
 from pydantic import Field
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from transformers import AutoConfig
 
 from helpsteer_core.apm import (
     APMConfig,
     AttributePredictionModel,
     collate,
     encode_pairs,
+    is_decoder_config,
+    load_apm_tokenizer,
     masked_mse,
     pad_token_id,
     predict,
@@ -48,7 +51,18 @@ from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
+from helpsteer_core.model_sources import resolve_model_path
 from helpsteer_core.readers import parquet_files, read_parquet_rows
+from ray_jobs.deepspeed_engine import (
+    DeepSpeedSettings,
+    build_config,
+    consolidated_state_dict,
+    init_engine,
+    join_process_group,
+    load_engine,
+    save_engine,
+    zero3_init,
+)
 from ray_jobs.runtime import ensure_ray, stage_main
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
@@ -57,6 +71,8 @@ SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-apm"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
+DEEPSPEED_FOLDER = "deepspeed"
+MODEL_FOLDER = "model"
 
 
 class TrainAPMSettings(StrictModel):
@@ -78,6 +94,8 @@ class TrainAPMSettings(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint
     seed: int = 0
+    # DeepSpeed ZeRO instead of DDP (the SFT stage's settings; needed for a 13B decoder backbone).
+    deepspeed: DeepSpeedSettings | None = None
 
 
 class TrainAPMConfig(TrainAPMSettings):
@@ -114,6 +132,112 @@ def _validation_rmse(
     return out
 
 
+class _DDPTraining:
+    """Plain data parallel: DDP-wrapped model, torch AdamW, rank 0 checkpoints the HF folder."""
+
+    def __init__(self, config: TrainAPMConfig, rank: int, total: int) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        self.start_step, optimizer_state = 0, None
+        if checkpoint is None:
+            self.model = AttributePredictionModel.from_backbone(config.apm, SCHEMA)
+        else:
+            with checkpoint.as_directory() as folder:
+                self.model = AttributePredictionModel.from_pretrained(folder, SCHEMA)
+                self.start_step = json.loads((Path(folder) / TRAINER_STATE).read_text())["step"]
+                optimizer_state = torch.load(Path(folder) / OPTIMIZER_STATE, weights_only=True)
+        self.forward = ray.train.torch.prepare_model(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
+        )
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state["optimizer"])
+            self.scheduler.load_state_dict(optimizer_state["scheduler"])
+        self.grad_clip, self.rank = config.grad_clip, rank
+        self.evaluates_on_every_rank = False
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def report(self, metrics: dict[str, float], step: int, save: bool, final: bool) -> None:
+        """Every rank calls report (it is a barrier); only rank 0 hands over a checkpoint."""
+        if not save or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            self.model.save_pretrained(folder)
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            torch.save(state, Path(folder) / OPTIMIZER_STATE)
+            (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+class _DeepSpeedTraining:
+    """DeepSpeed ZeRO (the `deepspeed:` section, shared with the SFT stage): every rank writes its
+    shards into each checkpoint, and the final one also holds the consolidated model in `model/`.
+    Under ZeRO-3 a 13B decoder backbone is built partitioned: no rank holds the whole model."""
+
+    def __init__(self, config: TrainAPMConfig, rank: int, total: int) -> None:
+        assert config.deepspeed is not None
+        join_process_group(config.use_gpu)
+        self.ds_config = build_config(
+            config.deepspeed,
+            micro_batch=config.batch_size,
+            accumulation=1,
+            world=ray.train.get_context().get_world_size(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps,
+            total_steps=total,
+            schedule="constant",
+            grad_clip=config.grad_clip,
+            use_gpu=config.use_gpu,
+        )
+        self._hf_zero3 = zero3_init(self.ds_config)  # before from_pretrained; kept alive with the model
+        self.model = AttributePredictionModel.from_backbone(config.apm, SCHEMA)
+        self.engine = init_engine(self.model, self.ds_config)
+        self.forward = self.engine
+        self.start_step = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.start_step = int(load_engine(self.engine, Path(folder) / DEEPSPEED_FOLDER)["step"])
+        self.export_dtype = torch.bfloat16 if config.deepspeed.bf16(config.use_gpu) else torch.float32
+        self.rank = rank
+        self.evaluates_on_every_rank = True  # under ZeRO-3 every forward gathers from every rank
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm() or "nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def report(self, metrics: dict[str, float], step: int, save: bool, final: bool) -> None:
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_engine(self.engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step})
+            if final:
+                state = consolidated_state_dict(self.engine, self.export_dtype)  # collective
+                if state is not None:
+                    self.model.save_pretrained(Path(folder) / MODEL_FOLDER, state_dict=state)
+            if self.rank == 0:
+                (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker."""
     config = TrainAPMConfig.model_validate(loop_config["config"])
@@ -126,22 +250,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     data = Path(config.data)
     train_rows, val_rows = read_parquet_rows(data / "train"), read_parquet_rows(data / "validation")
 
-    checkpoint = ray.train.get_checkpoint()
-    start_step, optimizer_state = 0, None
-    if checkpoint is None:
-        model = AttributePredictionModel.from_backbone(config.apm, SCHEMA)
-    else:
-        with checkpoint.as_directory() as folder:
-            model = AttributePredictionModel.from_pretrained(folder, SCHEMA)
-            start_step = json.loads((Path(folder) / TRAINER_STATE).read_text())["step"]
-            optimizer_state = torch.load(Path(folder) / OPTIMIZER_STATE, weights_only=True)
-    tokenizer = model.tokenizer
+    tokenizer = load_apm_tokenizer(config.apm.backbone)
     ids = encode_pairs(
         tokenizer,
         [r["prompt"] for r in train_rows],
         [r["response"] for r in train_rows],
         config.apm,
-        model.is_decoder,
+        is_decoder_config(AutoConfig.from_pretrained(resolve_model_path(config.apm.backbone))),
     )
     targets, mask = targets_from_rows(train_rows, SCHEMA)  # (rows, n_attr) each
     lengths = [len(x) for x in ids]
@@ -153,25 +268,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "mask": val_mask,
     }
     per_epoch, total = _steps(config, lengths, world)
-
-    ddp_model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps))
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
+    training = (_DeepSpeedTraining if config.deepspeed else _DDPTraining)(config, rank, total)
+    start_step, model = training.start_step, training.model
     if rank == 0:
+        engine = f"DeepSpeed ZeRO-{config.deepspeed.zero_stage}" if config.deepspeed else "DDP"
         log.info(
             f"apm: {len(train_rows)} train / {len(val_rows)} validation rows; batch {config.batch_size} x "
             f"{world} workers = {config.batch_size * world} rows/step; {per_epoch} steps/epoch; "
-            f"steps {start_step}..{total}"
+            f"steps {start_step}..{total}; {engine}"
         )
     tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
     pad = pad_token_id(tokenizer)
-    ddp_model.train()
+    training.forward.train()
     window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation is not counted
     batches, current_epoch = [], -1
     for step in range(start_step, total):
@@ -182,20 +290,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             current_epoch = epoch
         rows = deal(batches[index], lengths, rank, world)
         batch = collate([ids[i] for i in rows], pad)
-        pred = ddp_model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (b, n_attr)
+        pred = training.forward(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )  # (b, n_attr)
         loss = masked_mse(pred, targets[rows].to(device), mask[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        grad_norm = training.step(loss)
         window_tokens += int(batch["attention_mask"].sum()) * world
         window_seconds += time.perf_counter() - step_start
         done = step + 1
         metrics: dict[str, float] = {
             "loss": loss.item(),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "lr": training.lr(),
+            "grad_norm": grad_norm,
             "epoch": step / per_epoch,
         }
         if done % 10 == 0 or done == total:
@@ -208,38 +314,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
         evaluate = done % config.eval_every == 0 or done == total
         save = done % config.checkpoint_every == 0 or done == total
-        if evaluate and rank == 0:
+        if evaluate and (rank == 0 or training.evaluates_on_every_rank):
             metrics.update(_validation_rmse(model, val, device))
-            log.info(f"apm step {done}: validation rmse {metrics['val_rmse_mean']:.4f}")
+            if rank == 0:
+                log.info(f"apm step {done}: validation rmse {metrics['val_rmse_mean']:.4f}")
+            training.forward.train()
         tracker.log(metrics, done)
         if evaluate or save:
-            _report(
-                metrics | {"step": done}, model if save and rank == 0 else None, optimizer, scheduler, done
-            )
+            training.report(metrics | {"step": done}, done, save, final=done == total)
     if start_step >= total:
         # A re-run of a finished run: hand the restored model back as the result.
-        _report({"step": total}, model if rank == 0 else None, optimizer, scheduler, total)
-
-
-def _report(
-    metrics: dict[str, float],
-    model: AttributePredictionModel | None,
-    optimizer: Any,
-    scheduler: Any,
-    step: int,
-) -> None:
-    """Every rank calls report (it is a barrier); only rank 0 hands over a checkpoint."""
-    if model is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            Path(folder) / OPTIMIZER_STATE,
-        )
-        (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        training.report({"step": total}, total, save=True, final=True)
 
 
 def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None = None) -> dict[str, Any]:
@@ -301,7 +386,12 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         staging = out.parent / f".{out.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:
-            shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE))
+            if (Path(folder) / MODEL_FOLDER).is_dir():  # DeepSpeed: the consolidated export
+                shutil.copytree(Path(folder) / MODEL_FOLDER, staging)
+            else:  # DDP: the checkpoint is the model folder plus optimizer state
+                shutil.copytree(
+                    folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE)
+                )
         (staging / "train_config.yaml").write_text(dump_config(resolved))
         train_rows = read_parquet_rows(data / "train")  # read once: trained attributes and the baseline
         train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)

@@ -245,7 +245,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics = {
             "loss": float(totals[0]) / max(global_trained, 1),
             "lr": float(engine.get_lr()[0]),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": float(engine.get_global_grad_norm() or "nan"),  # None: ZeRO-0 in fp32 keeps none
+            "tokens": float(totals[1]),  # input tokens of the step, padding excluded, every worker
             "tokens_per_s": float(totals[1]) / seconds,
             "epoch": step / per_epoch,
         }

@@ -1,9 +1,11 @@
-"""The main job (`helpsteer run`) end to end on a small synthetic set: every stage runs in order
-under one parent MLflow run, and the outputs of each stage feed the next."""
+"""The main job (`helpsteer run`) end to end on a small synthetic set with tiny models: every stage
+runs in order under one parent MLflow run, a second run skips every stage, a changed SFT setting
+reruns only train_sft and evaluate, and --from / --until run part of it."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -11,28 +13,56 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpsteer_core.config import load_config
-from ray_jobs.pipeline import PipelineConfig, run
+from ray_jobs.pipeline import PipelineConfig, main, run
 from ray_jobs.tracking import TrackingConfig
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_local_profile_runs_every_stage_under_one_parent_run(ray_head, tiny_backbone, tmp_path):
-    config = load_config(
-        PipelineConfig,
-        "configs/local.yaml",
-        [
-            f"runs_dir={tmp_path / 'runs'}",
-            "synthetic.rows=160",
-            f"apm.apm.backbone={tiny_backbone}",
-            "apm.max_steps=3",
-            "apm.eval_every=3",
-            "relabel.rows_per_unit=50",
-        ],
+def _overrides(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> list[str]:
+    return [
+        f"runs_dir={runs}",
+        "synthetic.rows=160",
+        f"apm.apm.backbone={tiny_backbone}",
+        "apm.max_steps=3",
+        "apm.eval_every=3",
+        "relabel.rows_per_unit=50",
+        f"sft.generator={tiny_generator}",
+        "sft.examples.max_length=192",
+        "sft.max_steps=3",
+        "sft.checkpoint_every=3",
+        "sft.eval_every=3",
+        "sft.lr=1e-3",
+        "evaluate.prompts=2",
+        "evaluate.attributes=[verbosity, complexity]",
+        "evaluate.max_new_tokens=8",
+    ]
+
+
+def _stage_runs(runs: Path) -> list[list[str]]:
+    """The stages of each pipeline run's nested runs, oldest pipeline run first."""
+    client = mlflow.MlflowClient(TrackingConfig(runs_dir=str(runs)).uri())
+    found = client.search_runs([client.get_experiment_by_name("helpsteer").experiment_id])
+    parents = sorted(
+        (r.info.start_time, r.info.run_id) for r in found if r.data.tags.get("stage") == "pipeline"
     )
-    summary = run(config)
-    runs = tmp_path / "runs"
+    return [
+        sorted(r.data.tags["stage"] for r in found if r.data.tags.get("mlflow.parentRunId") == run_id)
+        for _, run_id in parents
+    ]
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_head, tiny_backbone, tiny_generator, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("pipeline") / "runs"
+    overrides = _overrides(runs, tiny_backbone, tiny_generator)
+    config = load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides)
+    return runs, overrides, run(config)
+
+
+def test_local_profile_runs_every_stage_under_one_parent_run(first_run):
+    runs, _, summary = first_run
     assert summary["filter"]["total"]["input_rows"] == 160
     assert (runs / "apm" / "evaluation" / "metrics.json").is_file()
     relabelled = [
@@ -40,16 +70,43 @@ def test_local_profile_runs_every_stage_under_one_parent_run(ray_head, tiny_back
     ]
     assert len(relabelled) == summary["filter"]["total"]["train"] == summary["relabel"]["output_rows"]
     assert {"helpfulness", "apm_helpfulness", "apm_helpfulness_int"} <= set(relabelled[0])
-
-    tracking = TrackingConfig(runs_dir=str(runs))
-    client = mlflow.MlflowClient(tracking.uri())
-    experiment = client.get_experiment_by_name("helpsteer")
-    found = client.search_runs([experiment.experiment_id])
-    parent = [r for r in found if r.data.tags.get("stage") == "pipeline"]
-    assert len(parent) == 1
-    children = {
-        r.data.tags["stage"] for r in found if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id
-    }
-    assert children == {"filter_data", "train_apm", "relabel"}
-    saved = client.download_artifacts(parent[0].info.run_id, "pipeline_summary.json", str(tmp_path))
+    assert (runs / "sft" / "model.safetensors").is_file() and summary["train_sft"]["steps"] == 3
+    report = (runs / "eval" / "report.md").read_text()
+    assert "| verbosity | words |" in report and "| complexity | fk_grade |" in report
+    assert set(summary["evaluate"]["steerability"]) == {"tuned", "baseline"}
+    assert _stage_runs(runs) == [["evaluate", "filter_data", "relabel", "train_apm", "train_sft"]]
+    client = mlflow.MlflowClient(TrackingConfig(runs_dir=str(runs)).uri())
+    [parent] = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("helpsteer").experiment_id])
+        if r.data.tags.get("stage") == "pipeline"
+    ]
+    saved = client.download_artifacts(parent.info.run_id, "pipeline_summary.json", str(runs.parent))
     assert json.loads(Path(saved).read_text())["relabel"]["output_rows"] == len(relabelled)
+
+
+def test_second_run_skips_every_stage_and_a_changed_sft_setting_reruns_only_sft_and_evaluate(first_run):
+    runs, overrides, first = first_run
+    started = time.perf_counter()
+    again = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
+    assert time.perf_counter() - started < 30  # nothing trains; the bound only catches a rerun
+    assert again == json.loads(json.dumps(first, default=str))
+    assert _stage_runs(runs)[-1] == []  # every stage skipped: no nested run
+
+    changed = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, "sft.lr=5e-4"]))
+    assert _stage_runs(runs)[-1] == ["evaluate", "train_sft"]
+    assert changed["filter"] == again["filter"] and changed["train_apm"] == again["train_apm"]
+    assert changed["train_sft"]["out"] != first["train_sft"]["out"]
+
+
+def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
+    runs, overrides, _ = first_run
+    profile = str(REPO / "configs" / "local.yaml")
+    assert (
+        main(["--config", profile, "--from", "relabel", "--until", "relabel", *overrides, "force=true"]) == 0
+    )
+    assert _stage_runs(runs)[-1] == ["relabel"]
+    # --from a stage whose inputs were never made is an error that names the missing stage.
+    fresh = runs.parent / "fresh"
+    assert main(["--config", profile, "--from", "train_sft", *overrides, f"runs_dir={fresh}"]) == 2
+    assert "the earlier stage filter has no complete output" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 
 import mlflow
 import pytest
+import torch
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes
 from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES, STEERLM
@@ -143,3 +144,37 @@ def test_helpsteer2_sample_trains_evaluates_and_relabels_keeping_human_columns(
         for name in HELPSTEER_ATTRIBUTES:
             assert relabelled[name] == human[name]  # the human label, untouched
             assert f"apm_{name}" in relabelled
+
+
+def test_deepspeed_zero3_trains_a_decoder_apm_and_resumes(
+    ray_head, tiny_generator, synthetic_filtered, tmp_path
+):
+    """The 13B profile's path at toy size: a Llama backbone read at its last token, partitioned
+    across 2 workers by ZeRO-3, exported consolidated, then resumed from DeepSpeed's checkpoint."""
+    values = {
+        "data": str(synthetic_filtered),
+        "out": str(tmp_path / "apm"),
+        "apm": {"backbone": str(tiny_generator), "max_length": 256},
+        "deepspeed": {"zero_stage": 3},
+        "num_workers": 2,
+        "batch_size": 4,
+        "max_steps": 4,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "lr": 1e-3,
+        "run_name": "zero3-apm",
+        "storage": str(tmp_path / "ray_train"),
+        "tracking": {"runs_dir": str(tmp_path / "runs")},
+    }
+    report = run(TrainAPMConfig.model_validate(values))
+    assert set(report["attributes"]) == set(HELPSTEER_ATTRIBUTES)
+    model = AttributePredictionModel.from_pretrained(tmp_path / "apm", STEERLM)
+    assert model.is_decoder and model.readout == "last"
+    # The exported head is the trained one (its bias starts at 2.0 for every attribute).
+    assert not torch.allclose(model.head.bias, torch.full_like(model.head.bias, 2.0))
+
+    run(TrainAPMConfig.model_validate(values | {"max_steps": 6}))
+    tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"))
+    latest = runs_for(tracking, "train_apm")[0]
+    history = mlflow.MlflowClient(tracking.uri()).get_metric_history(latest.info.run_id, "loss")
+    assert [m.step for m in history] == [5, 6]
