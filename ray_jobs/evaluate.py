@@ -215,21 +215,27 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     generator, data, out = resolve_path(config.generator), resolve_path(config.data), resolve_path(config.out)
     apm = resolve_path(config.apm) if config.apm else None
     setup = _training_setup(generator)
+    if config.mt_bench:
+        read_mt_bench(resolve_path(config.mt_bench))  # a bad question file fails before any generation
+    for name, value in (config.mt_bench_attributes or {}).items():
+        SCHEMA.check_value(name, value)
     examples = setup["examples"]
     baseline = setup["generator"] if config.baseline == "auto" else config.baseline
     models = {"tuned": str(generator)} | ({} if baseline == "none" else {"baseline": baseline})
     defaults = {k: v for k, v in DEFAULT_ATTRIBUTES[config.defaults].items()}
     prompts = held_out_prompts(data, config.prompts)
+    plan = sweep(len(prompts), config.attributes, defaults, SCHEMA)
+    # The all-defaults request of a prompt recurs in every attribute's sweep: generated once.
+    unique: dict[tuple[int, str], int] = {}
+    for r in plan:
+        unique.setdefault((r.prompt_id, json.dumps(r.attributes, sort_keys=True)), len(unique))
     requests = [
         {
             "request_id": i,
-            "prompt_id": r.prompt_id,
-            "attribute": r.attribute,
-            "level": r.level,
-            "attributes": json.dumps(r.attributes),
-            "turns": json.dumps([vars(t) for t in parse_prompt_turns(prompts[r.prompt_id])]),
+            "attributes": attributes,
+            "turns": json.dumps([vars(t) for t in parse_prompt_turns(prompts[prompt_id])]),
         }
-        for i, r in enumerate(sweep(len(prompts), config.attributes, defaults, SCHEMA))
+        for (prompt_id, attributes), i in unique.items()
     ]
     resolved = config.model_copy(
         update={
@@ -252,13 +258,16 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             answers = _generate(model, requests, config, examples, config.max_new_tokens)
             timing[name] = time.perf_counter() - started
             log.info("evaluate: %s answered %d requests in %.0f s", name, len(requests), timing[name])
-            for request in requests:
-                answer = answers[request["request_id"]]
+            for r in plan:
+                answer = answers[unique[(r.prompt_id, json.dumps(r.attributes, sort_keys=True))]]
                 records.append(
                     {
                         "model": name,
-                        **{k: request[k] for k in ("prompt_id", "attribute", "level", "attributes")},
-                        "prompt": prompts[request["prompt_id"]],
+                        "prompt_id": r.prompt_id,
+                        "attribute": r.attribute,
+                        "level": r.level,
+                        "attributes": json.dumps(r.attributes),
+                        "prompt": prompts[r.prompt_id],
                         "response": answer["response"],
                         "new_tokens": int(answer["new_tokens"]),
                         "finished": bool(answer["finished"]),
@@ -285,8 +294,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             "defaults": f"{config.defaults} {defaults}",
             "decoding": f"temperature {config.temperature}, max_new_tokens {config.max_new_tokens}",
             "responses that ended on their own": ", ".join(
-                f"{m} {sum(r['finished'] for r in records if r['model'] == m)}/{len(requests)}"
-                for m in models
+                f"{m} {sum(r['finished'] for r in records if r['model'] == m)}/{len(plan)}" for m in models
             ),
         }
         (staging / "report.md").write_text(render_report(results, report_setup))
@@ -327,6 +335,28 @@ def _score(apm: Path, records: list[dict[str, Any]]) -> None:
             row[f"apm_{name}"] = float(values[SCHEMA.index(name)])
 
 
+def read_mt_bench(source: Path) -> list[dict[str, Any]]:
+    """FastChat's question.jsonl: one {"question_id", "category", "turns": [str, ...]} per line."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no MT-Bench question file (FastChat's question.jsonl)")
+    questions = []
+    for number, line in enumerate(source.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            question = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from None
+        turns = question.get("turns") if isinstance(question, dict) else None
+        if "question_id" not in question or not turns or not all(isinstance(t, str) and t for t in turns):
+            raise ValueError(
+                f"{source}:{number}: needs question_id and turns (a list of non-empty strings), "
+                "as in FastChat's question.jsonl"
+            )
+        questions.append(question)
+    return questions
+
+
 def _mt_bench(
     config: EvaluateConfig,
     models: dict[str, str],
@@ -335,14 +365,8 @@ def _mt_bench(
     defaults: dict[str, int],
 ) -> None:
     """FastChat `model_answer` files: both turns of every question, turn 2 after turn 1's answer."""
-    source = resolve_path(config.mt_bench or "")
-    questions = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    for number, q in enumerate(questions, start=1):
-        if not isinstance(q.get("turns"), list) or "question_id" not in q:
-            raise ValueError(f"{source}:{number}: expected question_id and turns (FastChat question.jsonl)")
+    questions = read_mt_bench(resolve_path(config.mt_bench or ""))
     attributes = config.mt_bench_attributes or defaults
-    for name, value in attributes.items():
-        SCHEMA.check_value(name, value)
     (out / "model_answer").mkdir(parents=True)
     for name, model in models.items():
         histories: list[list[dict[str, str]]] = [[] for _ in questions]

@@ -1,0 +1,124 @@
+"""The evaluation stage on a local Ray cluster with tiny models: every sweep request answered by
+both models on Ray Data, measured, reported (report.md, metrics.json, plots, MLflow), and
+MT-Bench answers in FastChat's format; bad input fails before any generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+
+from helpsteer_core.apm import APMConfig, AttributePredictionModel
+from helpsteer_core.attributes import STEERLM, AttributeValueError
+from helpsteer_core.config import dump_config
+from ray_jobs.evaluate import EvaluateConfig, run
+from ray_jobs.tracking import TrackingConfig, runs_for
+from ray_jobs.train_sft import TrainSFTConfig
+
+pytestmark = pytest.mark.slow
+MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_generator, tiny_backbone, tmp_path_factory) -> tuple[Path, Path]:
+    """A generator folder laid out as train_sft writes it (weights untouched: the stage's
+    mechanics, not its quality, are under test) and an APM folder on the tiny backbone."""
+    root = tmp_path_factory.mktemp("evaluate-models")
+    generator = root / "sft"
+    shutil.copytree(tiny_generator, generator)
+    sft = TrainSFTConfig.model_validate(
+        {
+            "data": "unused",
+            "out": str(generator),
+            "generator": str(tiny_generator),
+            "examples": {"template": "chat", "max_length": 256},
+        }
+    )
+    (generator / "sft_config.yaml").write_text(dump_config(sft))
+    STEERLM.save(generator)
+    apm = root / "apm"
+    AttributePredictionModel.from_backbone(APMConfig(backbone=str(tiny_backbone))).save_pretrained(apm)
+    (apm / "trained_attributes.json").write_text(json.dumps(["verbosity", "complexity"]))
+    return generator, apm
+
+
+def _config(models: tuple[Path, Path], data: Path, out: Path, **extra) -> EvaluateConfig:
+    generator, apm = models
+    values = {
+        "generator": str(generator),
+        "apm": str(apm),
+        "data": str(data / "validation"),
+        "out": str(out / "eval"),
+        "prompts": 3,
+        "attributes": ["verbosity", "complexity"],
+        "max_new_tokens": 6,
+        "batch_size": 8,
+        "tracking": {"runs_dir": str(out / "runs")},
+    }
+    return EvaluateConfig.model_validate(values | extra)
+
+
+def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
+    ray_head, models, synthetic_filtered, tmp_path
+):
+    extra = {}
+    if MT_BENCH.is_file():
+        questions = tmp_path / "question.jsonl"
+        questions.write_text("\n".join(MT_BENCH.read_text().splitlines()[:2]) + "\n")
+        extra = {"mt_bench": str(questions), "mt_bench_max_new_tokens": 4}
+    result = run(_config(models, synthetic_filtered, tmp_path, **extra))
+    out = tmp_path / "eval"
+    rows = pq.read_table(out / "responses.parquet").to_pylist()
+    assert len(rows) == 2 * 3 * 2 * 5  # models x prompts x attributes x levels
+    for row in rows:
+        attributes = json.loads(row["attributes"])
+        assert attributes[row["attribute"]] == row["level"]
+        assert row["new_tokens"] <= 6 and row["words"] >= 0
+        assert {"apm_verbosity", "apm_complexity"} <= set(row) and "apm_coherence" not in row
+    assert {r["model"] for r in rows} == {"tuned", "baseline"}
+    report = (out / "report.md").read_text()
+    for line in ("| verbosity | words |", "| verbosity | apm_verbosity |", "| complexity | fk_grade |"):
+        assert line in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"tuned", "baseline"}
+    figure = metrics["results"]["tuned"]["verbosity"][0]
+    assert figure["prompts"] == 3 and -1 <= figure["within_prompt"] <= 1
+    assert sorted(p.name for p in out.glob("*.png")) == ["steer_complexity.png", "steer_verbosity.png"]
+    assert set(result["steerability"]["tuned"]["verbosity"]) == {"words", "apm_verbosity"}
+
+    tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"))
+    [mlrun] = runs_for(tracking, "evaluate")
+    assert "steer.tuned.verbosity.words" in mlrun.data.metrics
+    artifacts = {
+        a.path for a in mlflow.MlflowClient(tracking.uri()).list_artifacts(mlrun.info.run_id, "evaluation")
+    }
+    assert "evaluation/report.md" in artifacts
+
+    if MT_BENCH.is_file():
+        for name in ("tuned", "baseline"):
+            answers = [
+                json.loads(line)
+                for line in (out / "mt_bench" / "model_answer" / f"helpsteer-{name}.jsonl")
+                .read_text()
+                .splitlines()
+            ]
+            assert [a["question_id"] for a in answers] == [81, 82]
+            assert all(
+                len(a["choices"][0]["turns"]) == 2 and a["model_id"] == f"helpsteer-{name}" for a in answers
+            )
+
+
+def test_bad_input_fails_before_generation(models, synthetic_filtered, tmp_path):
+    with pytest.raises(AttributeValueError, match="verbosty"):
+        run(_config(models, synthetic_filtered, tmp_path, attributes=["verbosty"]))
+    broken = tmp_path / "question.jsonl"
+    broken.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 2}\n')
+    with pytest.raises(ValueError, match=r"question.jsonl:2: needs question_id and turns"):
+        run(_config(models, synthetic_filtered, tmp_path, mt_bench=str(broken)))
+    with pytest.raises(ValueError, match="fewer than prompts=500"):
+        run(_config(models, synthetic_filtered, tmp_path, prompts=500))
+    assert not (tmp_path / "eval").exists()
