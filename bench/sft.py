@@ -139,7 +139,7 @@ def ours(work: Path, rows: int, seed: int, steps: int, warmup: int, precision: s
         ],
         check=True,
         cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": "local"},  # its own Ray instance, never a running cluster
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +283,40 @@ def generate_batch(
     return results
 
 
+SFT_CONFIG_FILE = "sft_config.yaml"  # the resolved training config beside an AC-SFT model
+
+
+def read_training_setup(folder: str | Path) -> dict[str, Any]:
+    """The resolved training config saved beside an AC-SFT model (`sft_config.yaml`)."""
+    path = Path(folder) / SFT_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not an AC-SFT output folder (run the train_sft stage first)")
+    import yaml
+
+    setup = yaml.safe_load(path.read_text())
+    if not isinstance(setup, dict) or not isinstance(setup.get("examples"), dict):
+        raise ValueError(f"{path}: expected a mapping with an `examples:` section (the SFTDataConfig)")
+    return dict(setup)
+
+
+def load_steerable(model: str, examples: Mapping[str, Any]) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, stop ids) of a generator, prepared for the `examples` template.
+
+    bf16 spread over the visible GPUs when there are any, else float32 on CPU; the end-of-turn
+    marker is the stop id. The evaluation stage's generator actors and the Serve replicas use it.
+    """
+    from helpsteer_core.sft_data import SFTDataConfig, end_of_turn_id, prepare_tokenizer_for_template
+
+    config = SFTDataConfig.model_validate(dict(examples))
+    on_gpu = torch.cuda.is_available()
+    loaded, tokenizer = load_generator(
+        model, torch.bfloat16 if on_gpu else torch.float32, "auto" if on_gpu else None
+    )
+    prepare_tokenizer_for_template(tokenizer, loaded, config.template)
+    loaded.eval()
+    return loaded, tokenizer, [end_of_turn_id(tokenizer, config.template)]
+
+
 def tiny_llama(
     vocab_size: int,
     hidden: int = 64,
@@ -320,6 +354,7 @@ __all__ = [
     "CACHE_ENV",
     "SMOLLM2",
     "Generation",
+    "SFT_CONFIG_FILE",
     "GeneratorSourceError",
     "generate_batch",
     "cached_smollm2",
@@ -327,6 +362,8 @@ __all__ = [
     "default_cache_dir",
     "load_generator",
     "load_generator_tokenizer",
+    "load_steerable",
+    "read_training_setup",
     "resolve_generator",
     "smollm2_gguf_path",
     "tiny_llama",

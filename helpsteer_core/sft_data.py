@@ -488,8 +488,9 @@ def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed next-token cross-entropy over trained positions; logits (batch, seq, vocab), labels
     (batch, seq) with IGNORE_INDEX on masked and padded positions, which contribute nothing.
 
-    A sum, not a mean: the training step divides by the trained tokens of the whole global batch,
-    so the loss and gradient do not depend on how the batch is cut into micro-batches and workers.
+    A sum, not a mean: the training step divides by one constant for the whole run (the mean
+    trained tokens per global batch), so the gradient does not depend on how a batch is cut into
+    micro-batches and workers, and every trained token weighs the same.
     """
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
     targets = labels[:, 1:].reshape(-1).to(logits.device)

@@ -222,5 +222,65 @@ def ui(
     raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
 
 
+@app.command("serve")
+def serve_(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Serve config (default: the packaged serve/config.yaml)"),
+    ] = None,
+    generator: Annotated[str | None, typer.Option(help="AC-SFT output folder, e.g. runs/sft")] = None,
+    apm: Annotated[
+        str | None, typer.Option(help="Trained APM folder, e.g. runs/apm ('none': no APM)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (the config's is 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the steerable generator and the APM over HTTP (Ray Serve, OpenAI-compatible) until
+    Ctrl-C; the same config as `serve run serve/config.yaml`, checked strictly first."""
+    import time
+
+    import yaml
+
+    from ray_jobs.runtime import STAGE_ERRORS, ensure_ray
+    from serve.app import CONFIG, check_config, deploy, load_config
+
+    _setup_logging()
+    try:
+        overrides = dict(
+            (key, yaml.safe_load(value)) for key, _, value in (o.partition("=") for o in set_ or [])
+        )
+        if generator is not None:
+            overrides["generator"] = str(resolve_path(generator))
+        if apm is not None:
+            overrides["apm"] = None if apm == "none" else str(resolve_path(apm))
+        source = config or CONFIG
+        settings = load_config(source, overrides)
+        args = settings["applications"][0]["args"]
+        for key in ("generator", "apm"):  # this process builds the app: its working directory counts
+            if args.get(key):
+                args[key] = str(resolve_path(args[key]))
+        http = settings.setdefault("http_options", {})
+        http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+        check_config(settings, where=str(source))  # before Ray starts: a typo costs nothing
+        ensure_ray()
+    except STAGE_ERRORS as exc:
+        _fail(exc)
+    name = settings["applications"][0]["name"]
+    try:
+        try:
+            url = deploy(settings, where=str(source))
+        except STAGE_ERRORS as exc:
+            _fail(exc)
+        typer.echo(f"serving {url} (OpenAI base_url {url.rstrip('/')}/v1); Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # also while deploying: never leave a half-started app behind
+        from ray import serve
+
+        serve.delete(name)  # other apps on a shared cluster stay up
+        typer.echo("stopped")
+
+
 if __name__ == "__main__":
     app()

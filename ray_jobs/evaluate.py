@@ -31,20 +31,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import yaml
 from pydantic import Field
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation import Turn, parse_prompt_turns
-from helpsteer_core.generator import generate_batch, load_generator
+from helpsteer_core.generator import generate_batch, load_steerable, read_training_setup
 from helpsteer_core.readers import read_parquet_rows
 from helpsteer_core.sft_data import (
     SFTDataConfig,
-    end_of_turn_id,
     generation_prompt_ids,
-    prepare_tokenizer_for_template,
 )
 from helpsteer_core.steering import measure, measures_for, render_report, steerability, sweep
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
@@ -52,13 +49,14 @@ from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.evaluate")
 SCHEMA = STEERLM
-SFT_CONFIG_FILE = "sft_config.yaml"
 
 
 class EvaluateSettings(StrictModel):
     """How to evaluate; the pipeline profile's `evaluate:` section."""
 
     prompts: int = Field(20, ge=1)  # distinct held-out prompts per sweep
+    # Per-attribute prompt counts that replace `prompts`, e.g. {verbosity: 20} with prompts: 8.
+    attribute_prompts: dict[str, int] = {}
     attributes: list[str] = list(HELPSTEER_ATTRIBUTES)  # the attributes swept 0..4
     defaults: Literal["helpsteer", "helpsteer2"] = "helpsteer2"  # the other attributes' values
     max_new_tokens: int = Field(192, ge=1)
@@ -95,14 +93,8 @@ class Generator:
 
         torch.set_num_threads(sampling.pop("threads"))
         self.config = SFTDataConfig.model_validate(examples)
-        on_gpu = torch.cuda.is_available()
-        self.model, self.tokenizer = load_generator(
-            model, torch.bfloat16 if on_gpu else torch.float32, "auto" if on_gpu else None
-        )
-        prepare_tokenizer_for_template(self.tokenizer, self.model, self.config.template)
-        self.stop = [end_of_turn_id(self.tokenizer, self.config.template)]
+        self.model, self.tokenizer, self.stop = load_steerable(model, examples)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
-        self.model.eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [
@@ -128,13 +120,6 @@ class Generator:
             "finished": np.array([r.finished for r in results]),
             "batch_seconds": np.full(len(results), seconds),
         }
-
-
-def _training_setup(generator: Path) -> dict[str, Any]:
-    path = generator / SFT_CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not an AC-SFT output folder (run the train_sft stage first)")
-    return dict(yaml.safe_load(path.read_text()))
 
 
 def _generate(
@@ -214,7 +199,7 @@ def _plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> lis
 def run(config: EvaluateConfig) -> dict[str, Any]:
     generator, data, out = resolve_path(config.generator), resolve_path(config.data), resolve_path(config.out)
     apm = resolve_path(config.apm) if config.apm else None
-    setup = _training_setup(generator)
+    setup = read_training_setup(generator)
     if config.mt_bench:
         read_mt_bench(resolve_path(config.mt_bench))  # a bad question file fails before any generation
     for name, value in (config.mt_bench_attributes or {}).items():
@@ -223,8 +208,15 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     baseline = setup["generator"] if config.baseline == "auto" else config.baseline
     models = {"tuned": str(generator)} | ({} if baseline == "none" else {"baseline": baseline})
     defaults = {k: v for k, v in DEFAULT_ATTRIBUTES[config.defaults].items()}
-    prompts = held_out_prompts(data, config.prompts)
-    plan = sweep(len(prompts), config.attributes, defaults, SCHEMA)
+    counts = {a: config.attribute_prompts.get(a, config.prompts) for a in config.attributes}
+    for name, count in config.attribute_prompts.items():
+        if name not in config.attributes or count < 1:
+            raise ValueError(
+                f"attribute_prompts: {name}: {count}; allowed: a swept attribute "
+                f"({', '.join(config.attributes)}) and a count of at least 1"
+            )
+    prompts = held_out_prompts(data, max(counts.values()))
+    plan = [r for a in config.attributes for r in sweep(counts[a], [a], defaults, SCHEMA)]
     # The all-defaults request of a prompt recurs in every attribute's sweep: generated once.
     unique: dict[tuple[int, str], int] = {}
     for r in plan:
@@ -290,7 +282,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             "generator": str(generator),
             "baseline": baseline,
             "apm": str(apm) if apm else "none",
-            "held-out prompts": f"{len(prompts)} from {data}",
+            "held-out prompts": f"{', '.join(f'{a} {n}' for a, n in counts.items())} from {data}",
             "defaults": f"{config.defaults} {defaults}",
             "decoding": f"temperature {config.temperature}, max_new_tokens {config.max_new_tokens}",
             "responses that ended on their own": ", ".join(

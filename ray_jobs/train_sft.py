@@ -10,9 +10,11 @@ stage's output, or a filter split). Each row becomes an example whose response i
 attribute string (`helpsteer_core.sft_data`: what is trained and what is masked). A `TorchTrainer`
 runs `num_workers` workers; DeepSpeed ZeRO (stage 0-3, `deepspeed:`) shards optimizer states,
 gradients and parameters across them. One optimizer step sees a global batch of
-`micro_batch_size x accumulation_steps x num_workers` rows, and its loss is the mean over the
-trained tokens of the whole global batch, so the result does not depend on how the batch is cut
-into micro-batches or workers.
+`micro_batch_size x accumulation_steps x num_workers` rows. Its loss is the global batch's summed
+token loss divided by one constant, the mean trained tokens per global batch over the data, so
+every trained token weighs the same (length-grouped batches would otherwise over-weigh short
+examples) and the result does not depend on how the batch is cut into micro-batches or workers.
+The logged `loss` is the mean over the batch's trained tokens.
 
 Every `checkpoint_every` steps every rank writes its shards with DeepSpeed's own
 `save_checkpoint`, and all of them go into one Ray Train checkpoint through `ray.train.report`.
@@ -187,6 +189,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trained = [trained_token_count(e["labels"]) for e in examples]
     validation = build_examples(config, tokenizer, config.validation) if config.validation else []
     width, per_epoch, total = plan(config, lengths)
+    # The loss divisor: the mean number of trained tokens in a global batch over the data, the same
+    # for every step. Dividing each step by its own batch's count would weigh a token in a batch of
+    # short examples several times more than one in a batch of long ones; with length-grouped
+    # batches that taught the model to stop after one sentence (docs/results.md).
+    tokens_per_batch = width * sum(trained) / len(trained)
 
     ds_config = build_config(
         config.deepspeed,
@@ -228,9 +235,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         batch = batches[index]
         global_trained = sum(trained[i] for i in batch)
         # Each micro-batch's summed loss is scaled so the accumulated, worker-averaged gradient is
-        # that of (sum over the global batch) / global_trained; DeepSpeed divides by accumulation
+        # that of (sum over the global batch) / tokens_per_batch; DeepSpeed divides by accumulation
         # steps (in backward) and by workers (when it averages gradients), so multiply both back.
-        scale = config.accumulation_steps * world / max(global_trained, 1)
+        scale = config.accumulation_steps * world / tokens_per_batch
         totals = torch.zeros(2, dtype=torch.float64)  # (summed loss, input tokens) on this rank
         for rows in _micro_batches(deal(batch, lengths, rank, world), config.micro_batch_size):
             micro = collate_sft([examples[i] for i in rows], pad)

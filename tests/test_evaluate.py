@@ -53,7 +53,8 @@ def _config(models: tuple[Path, Path], data: Path, out: Path, **extra) -> Evalua
         "apm": str(apm),
         "data": str(data / "validation"),
         "out": str(out / "eval"),
-        "prompts": 3,
+        "prompts": 2,
+        "attribute_prompts": {"verbosity": 3},
         "attributes": ["verbosity", "complexity"],
         "max_new_tokens": 6,
         "batch_size": 8,
@@ -73,7 +74,7 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
     result = run(_config(models, synthetic_filtered, tmp_path, **extra))
     out = tmp_path / "eval"
     rows = pq.read_table(out / "responses.parquet").to_pylist()
-    assert len(rows) == 2 * 3 * 2 * 5  # models x prompts x attributes x levels
+    assert len(rows) == 2 * (3 + 2) * 5  # models x (verbosity's 3 prompts + complexity's 2) x levels
     for row in rows:
         attributes = json.loads(row["attributes"])
         assert attributes[row["attribute"]] == row["level"]
@@ -87,6 +88,7 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
     assert set(metrics["results"]) == {"tuned", "baseline"}
     figure = metrics["results"]["tuned"]["verbosity"][0]
     assert figure["prompts"] == 3 and -1 <= figure["within_prompt"] <= 1
+    assert metrics["results"]["tuned"]["complexity"][0]["prompts"] == 2
     assert sorted(p.name for p in out.glob("*.png")) == ["steer_complexity.png", "steer_verbosity.png"]
     assert set(result["steerability"]["tuned"]["verbosity"]) == {"words", "apm_verbosity"}
 
@@ -121,4 +123,6 @@ def test_bad_input_fails_before_generation(models, synthetic_filtered, tmp_path)
         run(_config(models, synthetic_filtered, tmp_path, mt_bench=str(broken)))
     with pytest.raises(ValueError, match="fewer than prompts=500"):
         run(_config(models, synthetic_filtered, tmp_path, prompts=500))
+    with pytest.raises(ValueError, match="attribute_prompts: coherence"):
+        run(_config(models, synthetic_filtered, tmp_path, attribute_prompts={"coherence": 3}))
     assert not (tmp_path / "eval").exists()

@@ -4,6 +4,7 @@ exactly as README.md and docs show it, then its outputs and its MLflow run check
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -20,22 +21,15 @@ pytestmark = pytest.mark.slow
 
 def _submit(ray_head, *stage_args: str) -> subprocess.CompletedProcess[str]:
     """`ray job submit --working-dir . -- python -m ray_jobs.filter_data ...`, as the README says."""
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--address",
-        ray_head.dashboard_url,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-m",
-        "ray_jobs.filter_data",
-        "--config",
-        "configs/filter_data.yaml",
-        *stage_args,
-    ]
+    stage = ["python", "-m", "ray_jobs.filter_data", "--config", "configs/filter_data.yaml", *stage_args]
+    return _run(ray_head, ["ray", "job", "submit", "--working-dir", ".", "--", *stage])
+
+
+def _run(ray_head, line: list[str]) -> subprocess.CompletedProcess[str]:
+    """A `ray job submit ...` command line, sent to the test head (`--address` added)."""
+    assert line[:3] == ["ray", "job", "submit"], line
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    command = [ray_bin, "job", "submit", "--address", ray_head.dashboard_url, *line[3:]]
     for _ in range(30):
         done = subprocess.run(
             command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600
@@ -45,6 +39,25 @@ def _submit(ray_head, *stage_args: str) -> subprocess.CompletedProcess[str]:
             return done
         time.sleep(2)
     return done
+
+
+def _documented_line(heading: str) -> list[str]:
+    """The first `ray job submit` command in docs/operations.md after `heading`, as words."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    block = text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_the_documented_filter_line_runs_as_written(ray_head, tmp_path):
+    """docs/operations.md's line, with only its shared-storage root pointed at a temporary folder."""
+    line = _documented_line("Filter (Ray Data, CPU):")
+    assert "/mnt/shared/data/helpsteer2" in line
+    write_synthetic(tmp_path / "data" / "helpsteer2", rows=120, seed=12)
+    done = _run(ray_head, [word.replace("/mnt/shared", str(tmp_path)) for word in line])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stats = json.loads((tmp_path / "runs" / "filtered" / "stats.json").read_text())
+    assert stats["total"]["input_rows"] == 120 and stats["total"]["reconciles"]
+    assert runs_for(TrackingConfig(runs_dir=str(tmp_path / "runs")), "filter_data")
 
 
 def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):

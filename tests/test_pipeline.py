@@ -35,6 +35,7 @@ def _overrides(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> list[st
         "sft.eval_every=3",
         "sft.lr=1e-3",
         "evaluate.prompts=2",
+        "evaluate.attribute_prompts={}",
         "evaluate.attributes=[verbosity, complexity]",
         "evaluate.max_new_tokens=8",
     ]

@@ -1,0 +1,112 @@
+"""The GPU generator path: vLLM through Ray Serve LLM (`engine: vllm`).
+
+`ray.serve.llm` imports vLLM, so this module is imported only when the app asks for the vLLM
+engine; CPU machines never need it. The ingress still builds and checks every prompt
+(`serve.steerable`), then sends the token ids to a Ray Serve LLM `LLMServer` deployment as
+OpenAI completion requests; vLLM batches continuously across requests. Each choice is its own
+request with seed + index, as `serve.engine` seeds its rows.
+
+Not exercised by the test suite (this workplace has neither a GPU nor vLLM); the CPU path is
+`serve.deployments.Generator`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve.engine import Choice, ChoiceDelta, GenerationJob, collect
+from serve.protocol import APIError
+from serve.steerable import SteerablePrompts
+
+
+def build_llm_deployment(model_name: str, folder: str, context: int) -> Any:
+    """The `LLMServer` application for a trained generator folder (a Hugging Face folder)."""
+    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import build_llm_deployment as build
+
+    config = LLMConfig(
+        model_loading_config={"model_id": model_name, "model_source": folder},
+        engine_kwargs={"max_model_len": context},
+        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+    )
+    return build(config, name_prefix="helpsteer:")
+
+
+class VLLMGenerator:
+    """`serve.api.GeneratorClient` over a handle to a Ray Serve LLM `LLMServer`."""
+
+    def __init__(self, handle: Any, model_name: str, prompts: SteerablePrompts):
+        self.handle, self.model_name, self.prompts = handle, model_name, prompts
+
+    def _request(self, job: GenerationJob, index: int, stream: bool) -> Any:
+        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+
+        params = job.params
+        return CompletionRequest(
+            model=self.model_name,
+            prompt=list(job.prompt_ids),
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed + index,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(self.prompts.stop_ids),
+            skip_special_tokens=True,
+            stream=stream,
+        )
+
+    async def _events(self, job: GenerationJob, index: int, stream: bool) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.handle.options(stream=True).completions.remote(
+            self._request(job, index, stream)
+        ):
+            for entry in item if isinstance(item, list) else [item]:
+                if isinstance(entry, str):
+                    payload = entry.removeprefix("data: ").strip()
+                    if payload and payload != "[DONE]":
+                        yield json.loads(payload)
+                else:
+                    yield entry.model_dump()
+
+    async def generate(self, job: GenerationJob) -> list[Choice]:
+        steps = []
+        for index in range(job.n):
+            async for event in self._events(job, index, stream=False):
+                steps.append([_delta(event, index, final_text=True)])
+        return collect(steps, job.n)
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[list[ChoiceDelta]]:
+        for index in range(job.n):  # one choice after the other: each is its own vLLM request
+            first = True
+            async for event in self._events(job, index, stream=True):
+                delta = _delta(event, index, final_text=False)
+                if first:
+                    delta = ChoiceDelta(
+                        index, delta.text.lstrip(), delta.finish_reason, delta.completion_tokens
+                    )
+                    first = not delta.text
+                yield [delta]
+
+    async def ready(self) -> None:
+        await self.handle.check_health.remote()
+
+
+def _delta(event: dict[str, Any], index: int, final_text: bool) -> ChoiceDelta:
+    if "error" in event or "message" in event and "choices" not in event:
+        raise APIError(
+            503,
+            f"vLLM: {event.get('error') or event.get('message')}",
+            code="generation_failed",
+            kind="server_error",
+        )
+    choice = event["choices"][0]
+    text = choice.get("text") or ""
+    reason = choice.get("finish_reason")
+    usage = event.get("usage") or {}
+    return ChoiceDelta(
+        index,
+        text.strip() if final_text else text,
+        None if reason is None else ("length" if reason == "length" else "stop"),
+        int(usage.get("completion_tokens") or 0),
+    )

@@ -1,0 +1,284 @@
+"""The Serve app's logic without Ray: the generation engine (per-choice seeds, stop strings,
+streaming, cancellation), the exact training prompt and the context check, request checks, the
+typed builder args and serve/config.yaml, and best-of-n picking the known-closest candidate.
+
+The HTTP tests against a running app are in tests/test_serve.py. `make_sft_folder` and
+`make_apm_folder` are shared with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpsteer_core.apm import APMConfig, AttributePredictionModel, save_trained_attributes
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
+from helpsteer_core.conversation import Turn
+from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
+from serve.api import Frontend, Settings
+from serve.app import CONFIG, AppArgs, check_config, load_config
+from serve.engine import Choice, ChoiceDelta, GenerationJob, SamplingParams, TransformersEngine, collect
+from serve.protocol import APIError, LimitArgs, resolve_attributes
+from serve.steerable import PromptTooLong, SteerablePrompts, load_steerable, read_training_setup
+
+CONTEXT = 1024
+
+
+def make_sft_folder(tiny_generator: Path, out: Path, max_length: int = CONTEXT) -> Path:
+    """A trained-generator folder as train_sft writes it: the HF files, sft_config.yaml, schema."""
+    shutil.copytree(tiny_generator, out)
+    examples = {"template": "chat", "max_length": max_length, "system": "", "pack": False}
+    (out / "sft_config.yaml").write_text(
+        yaml.safe_dump({"generator": str(tiny_generator), "examples": examples})
+    )
+    STEERLM.save(out)
+    return out
+
+
+def make_apm_folder(tiny_backbone: Path, out: Path) -> Path:
+    """An (untrained) APM on the tiny backbone, recorded as trained on the HelpSteer five."""
+    AttributePredictionModel.from_backbone(
+        APMConfig(backbone=str(tiny_backbone), max_length=128)
+    ).save_pretrained(out)
+    save_trained_attributes(out, list(HELPSTEER_ATTRIBUTES))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_folder(tiny_generator: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_sft_folder(tiny_generator, tmp_path_factory.mktemp("serve-units") / "sft")
+
+
+@pytest.fixture(scope="module")
+def prompts(sft_folder: Path) -> SteerablePrompts:
+    return SteerablePrompts.load(sft_folder)
+
+
+@pytest.fixture(scope="module")
+def engine(sft_folder: Path) -> TransformersEngine:
+    import torch
+
+    torch.set_num_threads(1)
+    model, tokenizer, stops = load_steerable(str(sft_folder), read_training_setup(sft_folder)["examples"])
+    return TransformersEngine(model, tokenizer, stops)
+
+
+def job(
+    prompt: range,
+    max_new: int,
+    temperature: float = 1.0,
+    n: int = 1,
+    stop: tuple[str, ...] = (),
+    seed: int = 7,
+) -> GenerationJob:
+    return GenerationJob(tuple(prompt), SamplingParams(max_new, temperature, 0.9, stop, seed), n)
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+
+def test_prompt_is_exactly_the_training_prompt_and_too_long_is_refused(prompts: SteerablePrompts):
+    turns = [Turn("User", "Name a colour."), Turn("Assistant", "Blue."), Turn("User", "Another?")]
+    attributes = {"helpfulness": 4, "verbosity": 1}
+    config = SFTDataConfig(template="chat", max_length=CONTEXT, system="")
+    expected = generation_prompt_ids(turns, attributes, prompts.tokenizer, config, STEERLM, 16)
+    assert prompts.prompt_ids(turns, attributes, 16) == expected
+    assert prompts.tokenizer.decode(expected).endswith(
+        "<|im_start|>assistant\nAttributes: helpfulness:4,verbosity:1\n"
+    )
+    assert prompts.context == CONTEXT and prompts.stop_ids == (prompts.tokenizer.eos_token_id,)
+
+    long = [Turn("User", "word " * 1500)]
+    with pytest.raises(PromptTooLong, match=f"over the model's context of {CONTEXT} tokens") as caught:
+        prompts.prompt_ids(long, attributes, 16)
+    assert caught.value.prompt_tokens > CONTEXT  # measured whole, never trimmed to fit
+
+
+# --- engine ---------------------------------------------------------------------------------------
+
+
+def test_choices_depend_on_their_seed_not_on_the_batch(engine: TransformersEngine):
+    alone = engine.generate(job(range(100, 140), 24, n=2))
+    assert alone[0].text != alone[1].text  # choice i samples with seed + i
+    steps: list[list[list[ChoiceDelta]]] = []
+    others = [job(range(300, 310), 40, temperature=0.0, n=3), job(range(500, 530), 8, temperature=0.7)]
+    engine.run([job(range(100, 140), 24, n=2), *others], steps.append)
+    batched = collect([s[0] for s in steps], 2)
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.completion_tokens for c in collect([s[2] for s in steps], 1)] == [8]  # its own max_new_tokens
+    greedy = engine.generate(job(range(100, 140), 12, temperature=0.0, n=2))
+    assert greedy[0].text == greedy[1].text and greedy[0].finish_reason == "length"
+
+
+def test_stop_strings_and_stream_equal_the_final_text(engine: TransformersEngine):
+    full = engine.generate(job(range(100, 140), 32, temperature=0.0))[0].text
+    stop = full[6:9]
+    steps: list[list[ChoiceDelta]] = []
+    engine.run([job(range(100, 140), 32, temperature=0.0, stop=(stop,))], lambda step: steps.append(step[0]))
+    (choice,) = collect(steps, 1)
+    assert choice.text == full[: full.index(stop)].rstrip() and choice.finish_reason == "stop"
+    assert stop not in "".join(d.text for s in steps for d in s)  # never streamed, even in part
+    assert sum(1 for s in steps for d in s if d.finish_reason) == 1  # one final delta
+
+
+def test_a_cancelled_job_stops_and_leaves_the_others_running(engine: TransformersEngine):
+    steps: list[list[list[ChoiceDelta]]] = []
+    engine.run(
+        [job(range(100, 140), 200), job(range(200, 240), 20)],
+        steps.append,
+        cancelled=lambda j: j == 0 and len(steps) >= 3,
+    )
+    first, second = collect([s[0] for s in steps], 1)[0], collect([s[1] for s in steps], 1)[0]
+    assert first.finish_reason == "cancelled" and first.completion_tokens <= 4
+    assert second.finish_reason == "length" and second.completion_tokens == 20
+    assert len(steps) <= 21  # the 200-token job did not keep the batch going
+
+
+# --- request checks -------------------------------------------------------------------------------
+
+
+def test_attributes_take_profile_defaults_and_are_checked_never_clamped():
+    assert resolve_attributes(None, "helpsteer2") == DEFAULT_ATTRIBUTES["helpsteer2"]
+    helpsteer = resolve_attributes({"verbosity": 0, "quality": None}, "helpsteer")
+    assert "quality" not in helpsteer and helpsteer["verbosity"] == 0 and helpsteer["toxicity"] == 0
+    assert list(resolve_attributes({"quality": 3}, "helpsteer2"))[0] == "quality"  # schema order
+    for bad, words in [
+        ({"verbosty": 2}, "unknown attribute 'verbosty'; allowed: quality, toxicity"),
+        ({"verbosity": 5}, "outside the range; allowed: an integer in 0..4"),
+        ({"verbosity": 2.5}, "not an integer; allowed: an integer in 0..4"),
+        ({"verbosity": "2"}, "not a number; allowed"),
+        ({"verbosity": True}, "not a number; allowed"),
+    ]:
+        with pytest.raises(APIError, match=words) as caught:
+            resolve_attributes(bad, "helpsteer2")
+        assert caught.value.status == 400 and caught.value.param == f"attributes.{next(iter(bad))}"
+
+
+# --- args and config ------------------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_checked_strictly_including_keys_ray_would_drop():
+    schema, args = check_config(load_config(CONFIG))
+    assert args.apm == "runs/apm" and schema.http_options.host == "127.0.0.1"
+    assert args.api_key_env == "HELPSTEER_API_KEY"  # the name of the variable, never a key
+    for where, typo in [(("args",), "max_token"), (("args", "limits"), "max_token"), ((), "route_prefx")]:
+        config = load_config(CONFIG)
+        section = config["applications"][0]
+        for key in where:
+            section = section[key]
+        section[typo] = 1
+        with pytest.raises(ValueError, match=typo):
+            check_config(config)
+    config = load_config(CONFIG)
+    config["applications"][0]["deployments"][1]["name"] = "Generater"
+    with pytest.raises(ValueError, match="unknown deployment 'Generater'; allowed: Ingress, Generator, APM"):
+        check_config(config)
+    with pytest.raises(ValueError, match="extra"):
+        AppArgs.model_validate({"generator": "x", "api_key": "secret"})
+
+
+def test_config_overrides_reach_the_args():
+    config = load_config(CONFIG, {"generator": "/abs/sft", "limits.max_tokens": 64, "apm": None})
+    schema, args = check_config(config)
+    assert (args.generator, args.limits.max_tokens, args.apm) == ("/abs/sft", 64, None)
+    assert [d.name for d in schema.applications[0].deployments] == ["Ingress", "Generator"]  # no APM now
+    config["applications"][0]["deployments"].append({"name": "APM", "num_replicas": 1})
+    with pytest.raises(ValueError, match="APM is listed but args.apm is null"):
+        check_config(config)  # Serve itself would fail the deploy for this, later and less clearly
+
+
+def test_helpsteer_serve_rejects_a_bad_config_before_starting_ray(monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    import ray_jobs.runtime
+    from ray_jobs.cli import app
+
+    monkeypatch.setattr(ray_jobs.runtime, "ensure_ray", lambda: pytest.fail("Ray was started"))
+    result = CliRunner().invoke(app, ["serve", "--generator", "/nowhere", "--set", "limits.max_token=64"])
+    assert result.exit_code == 2
+    assert "limits.max_token: unknown key" in result.output and "allowed: default_max_tokens" in result.output
+
+
+# --- best-of-n, with a known answer ---------------------------------------------------------------
+
+
+class WordsGenerator:
+    """Candidate i has i + 1 words."""
+
+    async def generate(self, job: GenerationJob) -> list[Choice]:
+        return [Choice(i, " ".join(["word"] * (i + 1)), "stop", i + 1) for i in range(job.n)]
+
+    def stream(self, job: GenerationJob) -> Any:
+        raise NotImplementedError
+
+    async def ready(self) -> None:
+        return None
+
+
+class LengthAPM:
+    """Verbosity = words in the response; the other trained attributes exactly as requested."""
+
+    trained = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+
+    async def score(self, prompt: str, responses: list[str]) -> list[list[float]]:
+        rows = []
+        for response in responses:
+            row = [0.0] * len(STEERLM.names)
+            row[STEERLM.index("helpfulness")] = row[STEERLM.index("correctness")] = 4.0
+            row[STEERLM.index("coherence")] = 4.0
+            row[STEERLM.index("complexity")] = 2.0
+            row[STEERLM.index("verbosity")] = float(len(response.split()))
+            rows.append(row)
+        return rows
+
+    async def ready(self) -> None:
+        return None
+
+
+def test_best_of_returns_the_candidate_closest_to_the_requested_attributes(prompts: SteerablePrompts):
+    limits = LimitArgs(
+        max_tokens=64,
+        default_max_tokens=16,
+        max_n=8,
+        max_responses=8,
+        max_body_bytes=10_000,
+        request_timeout_s=5,
+    )
+    frontend = Frontend(
+        Settings("helpsteer", "helpsteer2", 1.0, limits, None), prompts, WordsGenerator(), LengthAPM()
+    )
+    messages = [{"role": "user", "content": "Say something."}]
+    for verbosity in (1, 3):
+        body = {"messages": messages, "attributes": {"verbosity": verbosity}, "best_of": 5, "n": 2}
+        answer = asyncio.run(frontend.chat(json.dumps(body).encode()))
+        first, second = answer["choices"]
+        assert first["candidate"] == verbosity - 1 and first["distance"] == 0.0  # verbosity words
+        assert first["message"]["content"] == " ".join(["word"] * verbosity)
+        assert second["distance"] == 1.0 and first["scores"]["verbosity"] == verbosity
+        assert answer["best_of"]["candidates"] == 5 and answer["usage"]["completion_tokens"] == 15
+    steered = asyncio.run(
+        frontend.steer(json.dumps({"prompt": "Hi", "attributes": {"verbosity": 4}, "candidates": 3}).encode())
+    )
+    assert (
+        steered["response"] == "word word word" and steered["distance"] == 1.0
+    )  # 3 words is the closest of 1..3
+    assert [c["index"] for c in steered["candidates"]] == [2, 1, 0]
+
+
+def test_without_an_apm_scoring_is_404_and_best_of_is_400(prompts: SteerablePrompts):
+    frontend = Frontend(
+        Settings("helpsteer", "helpsteer2", 1.0, LimitArgs(), None), prompts, WordsGenerator(), None
+    )
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "best_of": 3}
+    with pytest.raises(APIError, match="runs without an APM") as caught:
+        asyncio.run(frontend.chat(json.dumps(chat).encode()))
+    assert (caught.value.status, caught.value.param) == (400, "best_of")
+    with pytest.raises(APIError, match="runs without an APM") as caught:
+        asyncio.run(frontend.score(json.dumps({"prompt": "Hi", "responses": ["a"]}).encode()))
+    assert caught.value.status == 404 and frontend.models()["data"][0]["apm"] is None
