@@ -296,11 +296,11 @@ def read_unit(unit: Unit) -> pa.Table:
     return pa.table({key: [row.get(key) for row in rows] for key in keys})
 
 
-def parquet_files(folder: Path) -> list[Path]:
+def parquet_files(folder: Path, producer: str = "the stage that writes it") -> list[Path]:
     """The `*.parquet` files of a stage output folder (a split, relabel parts), in name order."""
     files = sorted(Path(folder).glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no Parquet files; run the stage that writes it first")
+        raise FileNotFoundError(f"{folder}: no Parquet files; run {producer} first")
     return files
 
 

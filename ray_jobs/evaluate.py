@@ -208,6 +208,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     baseline = setup["generator"] if config.baseline == "auto" else config.baseline
     models = {"tuned": str(generator)} | ({} if baseline == "none" else {"baseline": baseline})
     defaults = {k: v for k, v in DEFAULT_ATTRIBUTES[config.defaults].items()}
+    for name in config.attributes:
+        SCHEMA.index(name)  # an unknown attribute is named before anything else is checked
     counts = {a: config.attribute_prompts.get(a, config.prompts) for a in config.attributes}
     for name, count in config.attribute_prompts.items():
         if name not in config.attributes or count < 1:

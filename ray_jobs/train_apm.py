@@ -356,7 +356,7 @@ def _evaluate(
 def run(config: TrainAPMConfig) -> dict[str, Any]:
     data, out = resolve_path(config.data), resolve_path(config.out)
     for split in ("train", "validation"):
-        parquet_files(data / split)  # fail before Ray starts if the data is not there
+        parquet_files(data / split, "the filter stage")  # fail before Ray starts if the data is missing
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     ensure_ray()

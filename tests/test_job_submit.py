@@ -51,7 +51,7 @@ def _documented_line(heading: str) -> list[str]:
 def test_the_documented_filter_line_runs_as_written(ray_head, tmp_path):
     """docs/operations.md's line, with only its shared-storage root pointed at a temporary folder."""
     line = _documented_line("Filter (Ray Data, CPU):")
-    assert "/mnt/shared/data/helpsteer2" in line
+    assert "data=/mnt/shared/data/helpsteer2" in line
     write_synthetic(tmp_path / "data" / "helpsteer2", rows=120, seed=12)
     done = _run(ray_head, [word.replace("/mnt/shared", str(tmp_path)) for word in line])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

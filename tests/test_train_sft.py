@@ -184,3 +184,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
     state = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/trainer_state.json")]
     assert max(state) == 16
     assert (Path(config.out) / "model.safetensors").is_file()
+
+
+def test_bf16_on_cpu_is_refused_with_the_reason(tmp_path):
+    values = {"data": str(tmp_path), "out": str(tmp_path / "sft"), "deepspeed": {"precision": "bf16"}}
+    with pytest.raises(ValueError, match="deepspeed.precision: bf16 on CPU"):
+        TrainSFTConfig.model_validate(values)
+    assert TrainSFTConfig.model_validate(values | {"use_gpu": True}).deepspeed.precision == "bf16"
