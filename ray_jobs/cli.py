@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -219,7 +218,8 @@ def ui(
         str(port),
     ]
     typer.echo(f"MLflow UI on http://{host}:{port} for {db}")
-    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
+    sys.stdout.flush()
+    os.execv(sys.executable, command)  # the server replaces this process: signals reach it directly
 
 
 @app.command("serve")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,7 +70,7 @@ def test_synth_then_filter_then_ui(ray_head, tmp_path):
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)  # the whole session: the MLflow server's workers too
         ui.wait(timeout=30)
 
 
