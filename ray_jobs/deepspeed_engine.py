@@ -33,6 +33,11 @@ from pydantic import Field
 from helpsteer_core.config import StrictModel
 
 Precision = Literal["auto", "bf16", "fp32"]
+# One checkpoint's layout, shared by the training stages: DeepSpeed's shards, the exported
+# Hugging Face folder (final checkpoint), and the step reached.
+DEEPSPEED_FOLDER = "deepspeed"
+MODEL_FOLDER = "model"
+TRAINER_STATE = "trainer_state.json"
 
 
 class DeepSpeedSettings(StrictModel):
@@ -180,6 +185,9 @@ def consolidated_state_dict(engine: Any, dtype: torch.dtype) -> dict[str, torch.
 
 
 __all__ = [
+    "DEEPSPEED_FOLDER",
+    "MODEL_FOLDER",
+    "TRAINER_STATE",
     "DeepSpeedSettings",
     "build_config",
     "consolidated_state_dict",

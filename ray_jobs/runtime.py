@@ -89,3 +89,39 @@ def stage_main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def fit_trainer(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    config: Any,
+    storage: Any,
+    what: str,
+) -> Any:
+    """Run a Ray Train `TorchTrainer` for a training stage and return its last checkpoint.
+
+    `config` carries the stage's shared Ray Train fields: num_workers, use_gpu, cpus_per_worker,
+    run_name (with `storage`, what a re-run resumes), keep_checkpoints and max_failures.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} under {storage}/{config.run_name} reported no checkpoint")
+    return result

@@ -30,8 +30,7 @@ import numpy as np
 import ray.train
 import torch
 from pydantic import Field
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 from transformers import AutoConfig
 
 from helpsteer_core.apm import (
@@ -54,6 +53,9 @@ from helpsteer_core.metrics import attribute_metrics, label_means, plot_predicti
 from helpsteer_core.model_sources import resolve_model_path
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from ray_jobs.deepspeed_engine import (
+    DEEPSPEED_FOLDER,
+    MODEL_FOLDER,
+    TRAINER_STATE,
     DeepSpeedSettings,
     build_config,
     consolidated_state_dict,
@@ -63,16 +65,13 @@ from ray_jobs.deepspeed_engine import (
     save_engine,
     zero3_init,
 )
-from ray_jobs.runtime import ensure_ray, stage_main
+from ray_jobs.runtime import ensure_ray, fit_trainer, stage_main
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_apm")
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-apm"
-TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
-DEEPSPEED_FOLDER = "deepspeed"
-MODEL_FOLDER = "model"
 
 
 class TrainAPMSettings(StrictModel):
@@ -361,28 +360,17 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     ensure_ray()
     with stage_run("train_apm", resolved, config.tracking, SCHEMA) as tracked:
-        trainer = TorchTrainer(
+        result = fit_trainer(
             train_loop,
-            train_loop_config={
+            {
                 "config": resolved.model_dump(mode="json"),
                 "run_id": tracked.run_id,
                 "tracking_uri": config.tracking.uri(),
             },
-            scaling_config=ScalingConfig(
-                num_workers=config.num_workers,
-                use_gpu=config.use_gpu,
-                resources_per_worker={"CPU": config.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=config.run_name,
-                storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-            ),
+            config,
+            storage,
+            "APM training",
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"APM training under {storage / config.run_name} reported no checkpoint")
         staging = out.parent / f".{out.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:

@@ -43,8 +43,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
@@ -63,6 +62,9 @@ from helpsteer_core.sft_data import (
     trained_token_count,
 )
 from ray_jobs.deepspeed_engine import (
+    DEEPSPEED_FOLDER,
+    MODEL_FOLDER,
+    TRAINER_STATE,
     DeepSpeedSettings,
     build_config,
     consolidated_state_dict,
@@ -72,15 +74,12 @@ from ray_jobs.deepspeed_engine import (
     save_engine,
     zero3_init,
 )
-from ray_jobs.runtime import ensure_ray, stage_main
+from ray_jobs.runtime import ensure_ray, fit_trainer, stage_main
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_sft")
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
-TRAINER_STATE = "trainer_state.json"
-DEEPSPEED_FOLDER = "deepspeed"
-MODEL_FOLDER = "model"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -385,28 +384,17 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     ensure_ray()
     with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
         tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
-        trainer = TorchTrainer(
+        result = fit_trainer(
             train_loop,
-            train_loop_config={
+            {
                 "config": resolved.model_dump(mode="json"),
                 "run_id": tracked.run_id,
                 "tracking_uri": config.tracking.uri(),
             },
-            scaling_config=ScalingConfig(
-                num_workers=config.num_workers,
-                use_gpu=config.use_gpu,
-                resources_per_worker={"CPU": config.cpus_per_worker} | ({"GPU": 1} if config.use_gpu else {}),
-            ),
-            run_config=RunConfig(
-                name=config.run_name,
-                storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-            ),
+            config,
+            storage,
+            "SFT",
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"SFT under {storage / config.run_name} reported no checkpoint")
         staging = out.parent / f".{out.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:
