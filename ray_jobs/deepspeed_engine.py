@@ -152,6 +152,27 @@ def init_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     return engine
 
 
+def backward_and_step(engine: Any, loss: torch.Tensor) -> float | None:
+    """`engine.backward(loss)` then `engine.step()`; at an accumulation boundary, the gradient norm.
+
+    The norm is taken before clipping, over the whole model: DeepSpeed's own for ZeRO 1-3 (it
+    keeps it after the step); for ZeRO-0, where it keeps none, from the gradients themselves,
+    which are whole and averaged over workers once the boundary's backward returns.
+    """
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm: float | None = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        with torch.no_grad():
+            norms = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else float("nan")
+    engine.step()
+    if boundary and norm is None:
+        kept = engine.get_global_grad_norm()
+        norm = float("nan") if kept is None else float(kept)
+    return norm
+
+
 def save_engine(engine: Any, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
     """DeepSpeed's own checkpoint (every rank writes its shards of model and optimizer)."""
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)

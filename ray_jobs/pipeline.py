@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -136,7 +137,8 @@ def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
     return str(folder)
 
 
-def run(config: PipelineConfig) -> dict[str, Any]:
+def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the stages in range; `on_stage(name)` is called as each stage starts (bench/pipeline.py)."""
     runs = resolve_path(config.runs_dir)
     first, last = STAGES.index(config.from_stage), STAGES.index(config.until_stage)
     if first > last:
@@ -175,7 +177,11 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                 summary[stage], status[stage] = done, "skipped (complete)"
                 continue
             log.info("pipeline: running %s -> %s", stage, plan.out(stage))
-            summary[stage] = stages[stage]()
+            if on_stage is not None:
+                on_stage(stage)
+            started = time.perf_counter()
+            summary[stage] = stages[stage]() | {"wall_s": round(time.perf_counter() - started, 1)}
+            mlflow.log_metric(f"wall_s.{stage}", summary[stage]["wall_s"])
             plan.finish(stage, summary[stage])
             status[stage] = "ran"
         mlflow.log_dict(summary, "pipeline_summary.json")
@@ -255,13 +261,15 @@ def _evaluate(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> 
 
 def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan) -> None:
     table = Table(title="helpsteer pipeline")
-    for column in ("stage", "status", "result", "output"):
+    for column in ("stage", "status", "time", "result", "output"):
         table.add_column(column)
     for stage in STAGES:
         if stage not in summary:
-            table.add_row(stage, "not run", "", "")
+            table.add_row(stage, "not run", "", "", "")
             continue
-        table.add_row(stage, status[stage], _result(stage, summary[stage]), str(plan.out(stage)))
+        wall = summary[stage].get("wall_s")
+        took = "" if wall is None else f"{wall:.0f} s" if status[stage] == "ran" else f"(ran in {wall:.0f} s)"
+        table.add_row(stage, status[stage], took, _result(stage, summary[stage]), str(plan.out(stage)))
     console = Console()
     console.print(table)
     console.print(f"MLflow: helpsteer ui --runs-dir {plan.runs}")

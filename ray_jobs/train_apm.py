@@ -57,6 +57,7 @@ from ray_jobs.deepspeed_engine import (
     MODEL_FOLDER,
     TRAINER_STATE,
     DeepSpeedSettings,
+    backward_and_step,
     build_config,
     consolidated_state_dict,
     init_engine,
@@ -82,6 +83,7 @@ class TrainAPMSettings(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)  # CPU workers use this many torch threads
     batch_size: int = Field(16, ge=1)  # rows per worker per step
+    length_pool: int = Field(50, ge=1)  # global batches sorted by length together (batching.py)
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     lr: float = Field(5e-5, gt=0)
@@ -108,7 +110,7 @@ class TrainAPMConfig(TrainAPMSettings):
 
 
 def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
-    per_epoch = len(epoch_batches(0, lengths, config.batch_size * world, config.seed))
+    per_epoch = len(epoch_batches(0, lengths, config.batch_size * world, config.seed, config.length_pool))
     if per_epoch == 0:
         raise ValueError(
             f"{len(lengths)} training rows do not fill one step of {config.batch_size} rows x {world} workers"
@@ -215,9 +217,8 @@ class _DeepSpeedTraining:
         self.evaluates_on_every_rank = True  # under ZeRO-3 every forward gathers from every rank
 
     def step(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
-        self.engine.step()
-        return float(self.engine.get_global_grad_norm() or "nan")
+        norm = backward_and_step(self.engine, loss)
+        return float("nan") if norm is None else norm
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -285,7 +286,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step_start = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
         if epoch != current_epoch:
-            batches = epoch_batches(epoch, lengths, config.batch_size * world, config.seed)
+            width = config.batch_size * world
+            batches = epoch_batches(epoch, lengths, width, config.seed, config.length_pool)
             current_epoch = epoch
         rows = deal(batches[index], lengths, rank, world)
         batch = collate([ids[i] for i in rows], pad)

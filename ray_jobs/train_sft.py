@@ -66,6 +66,7 @@ from ray_jobs.deepspeed_engine import (
     MODEL_FOLDER,
     TRAINER_STATE,
     DeepSpeedSettings,
+    backward_and_step,
     build_config,
     consolidated_state_dict,
     init_engine,
@@ -107,6 +108,10 @@ class TrainSFTSettings(StrictModel):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint
+    # Global batches sorted by length together (helpsteer_core.batching). 1: every step is a random
+    # sample and only its micro-batches are grouped; larger pads less, but steps of all-short or
+    # all-long responses mis-teach where the response ends.
+    length_pool: int = Field(1, ge=1)
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     seed: int = 0
 
@@ -150,7 +155,7 @@ def build_examples(
 def plan(config: TrainSFTConfig, lengths: Sequence[int]) -> tuple[int, int, int]:
     """(rows per global batch, steps per epoch, total steps)."""
     width = config.micro_batch_size * config.accumulation_steps * config.num_workers
-    per_epoch = len(epoch_batches(0, lengths, width, config.seed))
+    per_epoch = len(epoch_batches(0, lengths, width, config.seed, config.length_pool))
     if per_epoch == 0:
         raise ValueError(
             f"{len(lengths)} training examples do not fill one global batch of {width} rows "
@@ -244,7 +249,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step_start = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
         if epoch != current_epoch:
-            batches, current_epoch = epoch_batches(epoch, lengths, width, config.seed), epoch
+            batches = epoch_batches(epoch, lengths, width, config.seed, config.length_pool)
+            current_epoch = epoch
         batch = batches[index]
         global_trained = sum(trained[i] for i in batch)
         # Each micro-batch's summed loss is scaled so the accumulated, worker-averaged gradient is
@@ -255,8 +261,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for rows in _micro_batches(deal(batch, lengths, rank, world), config.micro_batch_size):
             micro = collate_sft([examples[i] for i in rows], pad)
             loss_sum = _forward_loss(engine, micro, device)
-            engine.backward(loss_sum * scale)
-            engine.step()
+            grad_norm = backward_and_step(engine, loss_sum * scale)
             tokens = float(micro["attention_mask"].sum())
             totals += torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
         dist.all_reduce(totals)
@@ -265,7 +270,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         metrics = {
             "loss": float(totals[0]) / max(global_trained, 1),
             "lr": float(engine.get_lr()[0]),
-            "grad_norm": float(engine.get_global_grad_norm() or "nan"),  # None: ZeRO-0 in fp32 keeps none
+            "grad_norm": grad_norm,  # set by the last micro-batch, the accumulation boundary
             "tokens": float(totals[1]),  # input tokens of the step, padding excluded, every worker
             "tokens_per_s": float(totals[1]) / seconds,
             "epoch": step / per_epoch,
