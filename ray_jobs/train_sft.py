@@ -117,13 +117,14 @@ class TrainSFTSettings(StrictModel):
 
 
 def check_cpu_precision(deepspeed: DeepSpeedSettings, use_gpu: bool) -> None:
-    """DeepSpeed's bf16 mode on CPU is refused: it trains the weights in bf16 and, measured here on
-    SmolLM2, drove the end-of-turn probability at sentence ends from 0.4 (fp32, matching the data's
-    0.35) to 0.8 within 50 steps, so the model stopped after one sentence (docs/results.md)."""
+    """DeepSpeed's bf16 mode is refused on CPU: unverified there. Our one CPU comparison (bf16 at step
+    50 put the end-of-turn probability after a sentence at 0.8, fp32 at step 40 at 0.4, the data
+    0.35) ran on length-grouped batches, which later gave fp32 the same symptom (0.55 at step 100),
+    so it does not clear bf16 either (docs/results.md). CPU runs train in fp32."""
     if deepspeed.precision == "bf16" and not use_gpu:
         raise ValueError(
-            "deepspeed.precision: bf16 on CPU (use_gpu: false) is not supported: it mis-trains "
-            "(docs/results.md); allowed on CPU: auto or fp32"
+            "deepspeed.precision: bf16 on CPU (use_gpu: false) is not supported: unverified on CPU, "
+            "see docs/results.md; allowed on CPU: auto or fp32"
         )
 
 
