@@ -44,11 +44,11 @@ class TreeSampler(threading.Thread):
         self.phase = SETUP
         self.total: dict[str, int] = defaultdict(int)
         self.single: dict[str, tuple[int, str]] = defaultdict(lambda: (0, ""))
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             phase, total = self.phase, 0
             for process in [me, *me.children(recursive=True)]:
                 try:
@@ -61,7 +61,7 @@ class TreeSampler(threading.Thread):
             self.total[phase] = max(self.total[phase], total)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
