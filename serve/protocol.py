@@ -164,15 +164,16 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
         if field is None:
             break
-        current = _model_of(field.annotation) or current
+        current = model_in(field.annotation) or current
     return sorted(current.model_fields)
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (Optional[...], list[...], Model | dict), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

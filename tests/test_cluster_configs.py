@@ -29,9 +29,12 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
+
+from serve.app import unknown_keys
+from serve.protocol import model_in
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -194,32 +197,6 @@ def test_kuberay_typo_fails_naming_the_key(path, where):
 # --- Serve configs --------------------------------------------------------------------------------
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside Optional[...], List[...] or Union[dict, Model], if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next(filter(None, map(_model_in, typing.get_args(annotation))), None)
-
-
-def unknown_keys(data: dict[str, Any], model: type[BaseModel], where: str = "") -> list[str]:
-    """Keys of `data` that `model` (recursively) has no field for: pydantic would drop them."""
-    fields = {f.alias or name: f for name, f in model.model_fields.items()}
-    errors = []
-    for key, value in data.items():
-        path = f"{where}{key}"
-        field = fields.get(key) or model.model_fields.get(key)
-        if field is None:
-            errors.append(f"{path}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
-            continue
-        sub = _model_in(field.annotation)
-        items = value if isinstance(value, list) else [value]
-        for i, item in enumerate(items):
-            if sub is not None and isinstance(item, dict):
-                index = f"[{i}]" if isinstance(value, list) else ""
-                errors += unknown_keys(item, sub, f"{path}{index}.")
-    return errors
-
-
 def serve_config_errors(config: dict[str, Any]) -> list[str]:
     try:
         ServeDeploySchema.model_validate(config)
@@ -281,7 +258,7 @@ def test_serve_app_args_match_the_builder():
     if importlib.util.find_spec("serve.app") is None:
         pytest.skip("serve/app.py not written yet (issue 5)")
     builder = importlib.import_module("serve.app").build_app
-    args_model = _model_in(next(iter(typing.get_type_hints(builder).values()), None))
+    args_model = model_in(next(iter(typing.get_type_hints(builder).values()), None))
     if args_model is None:
         pytest.skip(f"serve.app.build_app{inspect.signature(builder)} takes no pydantic args model")
     for name, config in serve_configs():
