@@ -230,6 +230,30 @@ def load_generator(
     return model, tokenizer
 
 
+def train_top_layers(model: Any, count: int) -> int:
+    """Freeze all but the top `count` decoder layers and the final norm; the trainable parameters.
+
+    Embeddings, the layers below and an untied output head stay as loaded. Backward then stops at
+    the lowest trained layer, so a step costs the forward pass plus the top layers' backward.
+    """
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"trainable_layers: {type(model).__name__} has no decoder `layers` list; "
+            f"allowed: null (train every parameter) for this model"
+        )
+    if not 1 <= count <= len(layers):
+        raise ValueError(
+            f"trainable_layers: {count}; allowed: 1..{len(layers)} (this model's layers) or null"
+        )
+    model.requires_grad_(False)
+    for module in [*layers[len(layers) - count :], getattr(decoder, "norm", None)]:
+        if module is not None:
+            module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str  # the decoded new tokens, special tokens removed
@@ -367,4 +391,5 @@ __all__ = [
     "resolve_generator",
     "smollm2_gguf_path",
     "tiny_llama",
+    "train_top_layers",
 ]

@@ -484,17 +484,36 @@ def trained_token_count(labels: Sequence[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
+def trained_mask(labels: Tensor) -> Tensor:
+    """(batch, seq) bool: the positions whose logits predict a trained token (the next label is set).
+
+    Passed as a model's `logits_to_keep`, the language-model head runs on these positions only:
+    prompt, attribute line and padding never reach the vocabulary projection, which on a small
+    model is a fifth of the training step's compute.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
 def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over trained positions; logits (batch, seq, vocab), labels
-    (batch, seq) with IGNORE_INDEX on masked and padded positions, which contribute nothing.
+    """Summed next-token cross-entropy over trained positions; labels (batch, seq) with IGNORE_INDEX
+    on masked and padded positions, which contribute nothing. Logits are either (batch, seq, vocab),
+    every position, or (kept, vocab), the positions of `trained_mask(labels)` in row-major order (a
+    model called with `logits_to_keep=trained_mask(labels)`); the two give the same sum.
 
     A sum, not a mean: the training step divides by one constant for the whole run (the mean
     trained tokens per global batch), so the gradient does not depend on how a batch is cut into
     micro-batches and workers, and every trained token weighs the same.
     """
+    targets = labels[:, 1:].to(logits.device)
+    if logits.dim() == 2:
+        kept = targets[targets != IGNORE_INDEX]
+        return torch.nn.functional.cross_entropy(logits.float(), kept, reduction="sum")
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
-    targets = labels[:, 1:].reshape(-1).to(logits.device)
-    return torch.nn.functional.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        shifted, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 __all__ = [
@@ -511,5 +530,6 @@ __all__ = [
     "pack_examples",
     "prepare_tokenizer_for_template",
     "token_loss_sum",
+    "trained_mask",
     "trained_token_count",
 ]

@@ -7,7 +7,7 @@ section is set), so both read the same YAML keys:
       zero_stage: 3              # 0 = plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters
       offload_optimizer: false   # optimizer states and step in CPU RAM (DeepSpeedCPUAdam)
       offload_params: false      # ZeRO-3 parameters in CPU RAM between uses
-      precision: auto            # auto: bf16 on GPU, fp32 on CPU
+      precision: auto            # auto: bf16 on GPU, fp32 on CPU; bf16 on CPU needs zero_stage 1
       gradient_checkpointing: false
 
 Inside a Ray Train worker, torch.distributed is already set up by `TorchTrainer` (gloo on CPU,
@@ -58,6 +58,22 @@ class DeepSpeedSettings(StrictModel):
     def bf16(self, use_gpu: bool) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and use_gpu)
 
+    def check_device(self, use_gpu: bool) -> None:
+        """bf16 on CPU only with ZeRO-1, the one layout measured to train there (docs/results.md).
+
+        With ZeRO-1, `build_config` asks for fp32 gradient accumulation, so DeepSpeed picks its
+        BF16_Optimizer: fp32 master weights, gradients summed in fp32 over micro-batches. ZeRO-0 bf16
+        is its FP16_UnfusedOptimizer, which sums micro-batch gradients in bf16; ZeRO-2/3 keep bf16
+        gradient buckets. Neither has been measured on CPU, where a wrong update shows only as a model
+        that trains to a worse loss, so they are refused rather than run unverified.
+        """
+        if self.precision == "bf16" and not use_gpu and self.zero_stage != 1:
+            raise ValueError(
+                f"deepspeed.precision: bf16 on CPU (use_gpu: false) needs deepspeed.zero_stage: 1 "
+                f"(fp32 master weights and gradient accumulation), not {self.zero_stage}; "
+                f"or set deepspeed.precision: auto or fp32"
+            )
+
 
 def build_config(
     settings: DeepSpeedSettings,
@@ -106,7 +122,7 @@ def build_config(
                 "cos_min_ratio": 0.1,
             },
         }
-    config = {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * world,
@@ -117,6 +133,9 @@ def build_config(
         "steps_per_print": 10**9,  # the stages print their own per-step line
         "wall_clock_breakdown": False,
     }
+    if settings.bf16(use_gpu) and settings.zero_stage == 1:
+        # BF16_Optimizer: micro-batch gradients summed in fp32, not bf16 (`check_device`).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config | ({"scheduler": scheduler} if scheduler else {})
 
 

@@ -98,6 +98,10 @@ class TrainAPMSettings(StrictModel):
     # DeepSpeed ZeRO instead of DDP (the SFT stage's settings; needed for a 13B decoder backbone).
     deepspeed: DeepSpeedSettings | None = None
 
+    def model_post_init(self, _: Any) -> None:
+        if self.deepspeed is not None:
+            self.deepspeed.check_device(self.use_gpu)
+
 
 class TrainAPMConfig(TrainAPMSettings):
     """The APM training stage."""

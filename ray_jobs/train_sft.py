@@ -28,6 +28,7 @@ attribute schema, config); the stage copies it to `out` and registers it in MLfl
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from ray.train import Checkpoint
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
-from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer, resolve_generator
+from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer, resolve_generator, train_top_layers
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
@@ -59,6 +60,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     token_loss_sum,
+    trained_mask,
     trained_token_count,
 )
 from ray_jobs.deepspeed_engine import (
@@ -91,6 +93,10 @@ class TrainSFTSettings(StrictModel):
     examples: SFTDataConfig = SFTDataConfig()  # template (nemo | chat), max_length, system, pack
     attribute_source: AttributeSource = "prefer_human"  # human labels, else the APM's (relabel output)
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    # Train only the top N decoder layers and the final norm (null: every parameter). Backward
+    # stops at the lowest trained layer: on CPU this is what makes a steerable 135M model fit the
+    # demo's time (docs/results.md).
+    trainable_layers: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)  # CPU workers use this many torch threads
@@ -115,17 +121,8 @@ class TrainSFTSettings(StrictModel):
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     seed: int = 0
 
-
-def check_cpu_precision(deepspeed: DeepSpeedSettings, use_gpu: bool) -> None:
-    """DeepSpeed's bf16 mode is refused on CPU: unverified there. Our one CPU comparison (bf16 at step
-    50 put the end-of-turn probability after a sentence at 0.8, fp32 at step 40 at 0.4, the data
-    0.35) ran on length-grouped batches, which later gave fp32 the same symptom (0.55 at step 100),
-    so it does not clear bf16 either (docs/results.md). CPU runs train in fp32."""
-    if deepspeed.precision == "bf16" and not use_gpu:
-        raise ValueError(
-            "deepspeed.precision: bf16 on CPU (use_gpu: false) is not supported: unverified on CPU, "
-            "see docs/results.md; allowed on CPU: auto or fp32"
-        )
+    def model_post_init(self, _: Any) -> None:
+        self.deepspeed.check_device(self.use_gpu)
 
 
 class TrainSFTConfig(TrainSFTSettings):
@@ -137,9 +134,6 @@ class TrainSFTConfig(TrainSFTSettings):
     run_name: str = "sft"  # Ray Train run name: the same name and storage resume
     storage: str = "runs/ray_train"  # Ray Train storage path (shared storage on a cluster)
     tracking: TrackingConfig = TrackingConfig()
-
-    def model_post_init(self, _: Any) -> None:
-        check_cpu_precision(self.deepspeed, self.use_gpu)
 
 
 def build_examples(
@@ -175,6 +169,8 @@ def _load_model(config: TrainSFTConfig, tokenizer: Any) -> Any:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
+    if config.trainable_layers is not None:
+        train_top_layers(model, config.trainable_layers)
     if config.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -182,8 +178,10 @@ def _load_model(config: TrainSFTConfig, tokenizer: Any) -> Any:
 
 def _forward_loss(engine: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    logits = engine(**inputs).logits  # (micro, seq, vocab)
-    return token_loss_sum(logits, batch["labels"])
+    if "logits_to_keep" in inspect.signature(engine.module.forward).parameters:
+        # The vocabulary projection on trained positions only: (kept, vocab), not (micro, seq, vocab).
+        inputs["logits_to_keep"] = trained_mask(batch["labels"]).to(device)
+    return token_loss_sum(engine(**inputs).logits, batch["labels"])
 
 
 def _micro_batches(rows: list[int], size: int) -> list[list[int]]:

@@ -42,6 +42,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     token_loss_sum,
+    trained_mask,
     trained_token_count,
 )
 
@@ -497,6 +498,30 @@ def test_masked_tokens_carry_no_loss_and_no_gradient(tok: Any) -> None:
         logits[:, :-1].reshape(-1, len(tok)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     assert torch.allclose(loss / trained.sum(), expected)
+
+
+def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(tok: Any) -> None:
+    """The training step's `logits_to_keep=trained_mask(labels)`: the head runs on trained positions
+    only, and the summed loss and every parameter's gradient match the full-logits computation."""
+    examples = _examples(tok, 4)
+    batch = collate_sft(examples, pad_id=tok.pad_token_id)
+    labels = batch["labels"]
+    mask = trained_mask(labels)
+    assert int(mask.sum()) == sum(trained_token_count(e["labels"]) for e in examples)
+    assert not mask[:, -1].any() and int(mask.sum()) < mask.numel() // 2  # most positions skipped
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = tiny_llama(vocab_size=len(tok))
+    full = token_loss_sum(model(**inputs).logits, labels)
+    full.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    kept_logits = model(**inputs, logits_to_keep=mask).logits
+    assert kept_logits.shape == (int(mask.sum()), len(tok))
+    kept = token_loss_sum(kept_logits, labels)
+    kept.backward()
+    assert torch.allclose(kept, full, rtol=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_config_is_strict() -> None:

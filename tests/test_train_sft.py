@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.conversation import Turn
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
+from ray_jobs.deepspeed_engine import DeepSpeedSettings, build_config
 from ray_jobs.tracking import TrackingConfig, runs_for
 from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, run
 
@@ -186,8 +187,69 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
     assert (Path(config.out) / "model.safetensors").is_file()
 
 
-def test_bf16_on_cpu_is_refused_with_the_reason(tmp_path):
-    values = {"data": str(tmp_path), "out": str(tmp_path / "sft"), "deepspeed": {"precision": "bf16"}}
-    with pytest.raises(ValueError, match="deepspeed.precision: bf16 on CPU"):
+def test_bf16_zero1_with_the_top_layer_trained_leaves_the_rest_as_loaded(
+    ray_head, synthetic_filtered, tiny_generator, tmp_path
+):
+    """The local profile's layout on CPU: bf16 under ZeRO-1 (DeepSpeed's BF16_Optimizer) and
+    `trainable_layers`. The loss falls; the export changed the top layer and final norm only."""
+    config = _config(
+        synthetic_filtered,
+        tiny_generator,
+        tmp_path,
+        deepspeed={"zero_stage": 1, "precision": "bf16"},
+        trainable_layers=1,
+        num_workers=1,
+        accumulation_steps=4,
+        max_steps=8,
+        lr=1e-2,
+    )
+    result = run(config)
+    assert result["steps"] == 8
+    loss = _history(Path(config.tracking.runs_dir), "loss")
+    assert (loss[7] + loss[8]) / 2 < (loss[1] + loss[2]) / 2 - 0.05
+    start = AutoModelForCausalLM.from_pretrained(config.generator).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(config.out, dtype=torch.float32).state_dict()
+    changed = {
+        name
+        for name, weight in trained.items()
+        if not torch.equal(weight, start[name].to(torch.bfloat16).float())
+    }
+    assert changed and all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed), changed
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bf16_on_cpu_needs_zero_1_and_says_so(tmp_path, stage):
+    values = {
+        "data": str(tmp_path),
+        "out": str(tmp_path / "sft"),
+        "deepspeed": {"precision": "bf16", "zero_stage": stage},
+    }
+    with pytest.raises(ValueError, match=f"bf16 on CPU .* needs deepspeed.zero_stage: 1 .* not {stage}"):
         TrainSFTConfig.model_validate(values)
     assert TrainSFTConfig.model_validate(values | {"use_gpu": True}).deepspeed.precision == "bf16"
+
+
+def test_bf16_with_zero_1_accumulates_gradients_in_fp32(tmp_path):
+    """ZeRO-1 bf16 asks DeepSpeed for fp32 gradient accumulation, which selects its BF16_Optimizer."""
+    config = TrainSFTConfig.model_validate(
+        {
+            "data": str(tmp_path),
+            "out": str(tmp_path / "sft"),
+            "deepspeed": {"precision": "bf16", "zero_stage": 1},
+        }
+    )
+    common = dict(
+        micro_batch=2,
+        accumulation=4,
+        world=1,
+        lr=1e-4,
+        weight_decay=0.0,
+        warmup_steps=0,
+        total_steps=10,
+        schedule="constant",
+        grad_clip=1.0,
+        use_gpu=False,
+    )
+    ds = build_config(config.deepspeed, **common)
+    assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in build_config(DeepSpeedSettings(zero_stage=1), **common)  # fp32 on CPU
