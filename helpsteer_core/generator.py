@@ -323,18 +323,22 @@ def read_training_setup(folder: str | Path) -> dict[str, Any]:
     return dict(setup)
 
 
-def load_steerable(model: str, examples: Mapping[str, Any]) -> tuple[Any, Any, list[int]]:
+def load_steerable(
+    model: str, examples: Mapping[str, Any], cpu_dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any, list[int]]:
     """(model, tokenizer, stop ids) of a generator, prepared for the `examples` template.
 
-    bf16 spread over the visible GPUs when there are any, else float32 on CPU; the end-of-turn
-    marker is the stop id. The evaluation stage's generator actors and the Serve replicas use it.
+    bf16 spread over the visible GPUs when there are any, else `cpu_dtype` on CPU (bf16 samples
+    ~1.6x faster than float32 on a CPU with AVX512-BF16, and is slow on one without); the
+    end-of-turn marker is the stop id. The evaluation stage's generator actors and the Serve
+    replicas use it.
     """
     from helpsteer_core.sft_data import SFTDataConfig, end_of_turn_id, prepare_tokenizer_for_template
 
     config = SFTDataConfig.model_validate(dict(examples))
     on_gpu = torch.cuda.is_available()
     loaded, tokenizer = load_generator(
-        model, torch.bfloat16 if on_gpu else torch.float32, "auto" if on_gpu else None
+        model, torch.bfloat16 if on_gpu else cpu_dtype, "auto" if on_gpu else None
     )
     prepare_tokenizer_for_template(tokenizer, loaded, config.template)
     loaded.eval()

@@ -66,6 +66,9 @@ class EvaluateSettings(StrictModel):
     actors: int = Field(1, ge=1)  # generator replicas in the Ray Data actor pool
     cpus_per_actor: int = Field(2, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
+    # Generation dtype on CPU (GPUs use bfloat16). bfloat16 sampled 1.6x faster than float32 on this
+    # project's 2-core AMD EPYC (AVX512-BF16); on a CPU without bf16 instructions keep float32.
+    cpu_dtype: Literal["float32", "bfloat16"] = "float32"
     mt_bench: str | None = None  # FastChat question.jsonl, e.g. ../shared/data/mt_bench/question.jsonl
     mt_bench_attributes: dict[str, int] | None = None  # default: the `defaults` profile
     mt_bench_max_new_tokens: int = Field(512, ge=1)
@@ -93,7 +96,8 @@ class Generator:
 
         torch.set_num_threads(sampling.pop("threads"))
         self.config = SFTDataConfig.model_validate(examples)
-        self.model, self.tokenizer, self.stop = load_steerable(model, examples)
+        dtype = getattr(torch, sampling.pop("cpu_dtype"))
+        self.model, self.tokenizer, self.stop = load_steerable(model, examples, dtype)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -142,6 +146,7 @@ def _generate(
                 "top_p": config.top_p,
                 "seed": config.seed,
                 "threads": config.cpus_per_actor,
+                "cpu_dtype": config.cpu_dtype,
             },
         },
         batch_size=config.batch_size,

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from helpsteer_core.apm import APMConfig, AttributePredictionModel
 from helpsteer_core.attributes import STEERLM, AttributeValueError
@@ -112,6 +113,29 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
             assert all(
                 len(a["choices"][0]["turns"]) == 2 and a["model_id"] == f"helpsteer-{name}" for a in answers
             )
+
+
+def test_generator_actor_samples_in_the_configured_cpu_dtype(models):
+    """`cpu_dtype: bfloat16` (the local profile's) loads the actor's model in bf16 and it answers."""
+    import numpy as np
+    import torch
+
+    from ray_jobs.evaluate import Generator
+
+    generator, _ = models
+    setup = yaml.safe_load((generator / "sft_config.yaml").read_text())
+    turns = json.dumps([{"role": "User", "text": "Name a planet."}])
+    batch = {
+        "request_id": np.array([0, 1]),
+        "turns": np.array([turns, turns], dtype=object),
+        "attributes": np.array([json.dumps({"verbosity": 0}), json.dumps({"verbosity": 4})], dtype=object),
+    }
+    for dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        sampling = {"temperature": 0.7, "top_p": 0.95, "seed": 0, "threads": 1, "cpu_dtype": dtype}
+        actor = Generator(str(generator), setup["examples"], 4, sampling)
+        assert actor.model.dtype == expected
+        out = actor(batch)
+        assert list(out["request_id"]) == [0, 1] and all(0 <= n <= 4 for n in out["new_tokens"])
 
 
 def test_bad_input_fails_before_generation(models, synthetic_filtered, tmp_path):
