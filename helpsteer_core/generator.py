@@ -230,8 +230,8 @@ def load_generator(
     return model, tokenizer
 
 
-def train_top_layers(model: Any, count: int) -> int:
-    """Freeze all but the top `count` decoder layers and the final norm; the trainable parameters.
+def train_top_layers(model: Any, count: int) -> None:
+    """Freeze all but the top `count` decoder layers and the final norm.
 
     Embeddings, the layers below and an untied output head stay as loaded. Backward then stops at
     the lowest trained layer, so a step costs the forward pass plus the top layers' backward.
@@ -251,7 +251,6 @@ def train_top_layers(model: Any, count: int) -> int:
     for module in [*layers[len(layers) - count :], getattr(decoder, "norm", None)]:
         if module is not None:
             module.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @dataclass(frozen=True)
