@@ -27,8 +27,10 @@ need it, so importing this module stays cheap.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -251,6 +253,16 @@ def train_top_layers(model: Any, count: int) -> None:
     for module in [*layers[len(layers) - count :], getattr(decoder, "norm", None)]:
         if module is not None:
             module.requires_grad_(True)
+
+
+@functools.cache
+def keeps_logits(model_class: type[torch.nn.Module]) -> bool:
+    """Whether a model class's forward takes `logits_to_keep` (read once per class, not per call).
+
+    It lives here, not in a stage module: a stage run as `python -m` is `__main__`, and Ray workers
+    cannot unpickle a cached function by reference to `__main__`.
+    """
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @dataclass(frozen=True)

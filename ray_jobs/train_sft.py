@@ -28,8 +28,6 @@ attribute schema, config); the stage copies it to `out` and registers it in MLfl
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
 import logging
 import math
@@ -50,7 +48,13 @@ from ray.train import Checkpoint
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
-from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer, resolve_generator, train_top_layers
+from helpsteer_core.generator import (
+    SMOLLM2,
+    keeps_logits,
+    load_generator_tokenizer,
+    resolve_generator,
+    train_top_layers,
+)
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
@@ -177,15 +181,9 @@ def _load_model(config: TrainSFTConfig, tokenizer: Any) -> Any:
     return model
 
 
-@functools.cache
-def _keeps_logits(model_class: type) -> bool:
-    """Whether a model class's forward takes `logits_to_keep` (read once, not every micro-batch)."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
 def _forward_loss(engine: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    if _keeps_logits(type(engine.module)):
+    if keeps_logits(type(engine.module)):
         # The vocabulary projection on trained positions only: (kept, vocab), not (micro, seq, vocab).
         inputs["logits_to_keep"] = trained_mask(batch["labels"]).to(device)
     return token_loss_sum(engine(**inputs).logits, batch["labels"])
