@@ -13,7 +13,9 @@ figures show what the engine costs without the stage around it. Layouts, each ag
 - bf16, ZeRO-1, logits only at trained positions (`logits_to_keep`): the local profile
 - the same with only the top 15 decoder layers trained (`trainable_layers: 15`)
 
-Tokens are input tokens without padding; the first step of each layout is not timed.
+Tokens are input tokens without padding; the first step of each layout is not timed. With
+`--ray` the same layouts are timed again inside a Ray task on a local cluster (the process setting
+a stage's Ray Train worker runs in), as ratios to the plain process's first layout.
 """
 
 from __future__ import annotations
@@ -96,29 +98,50 @@ def time_layout(layout: dict[str, Any], examples: list, tokenizer: Any, steps: i
     return tokens / seconds
 
 
+def run_layouts(names: list[str], steps: int, rows: int, threads: int, port: int) -> list[float]:
+    """Tokens/s of each named layout, in this process (a plain one, or a Ray worker)."""
+    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    os.environ.update(single | {"MASTER_PORT": str(port)})
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(threads)
+    deepspeed.init_distributed(dist_backend="gloo")
+    examples, tokenizer = _examples(rows)
+    if len(examples) < 8 * steps:
+        raise SystemExit(f"--rows {rows}: {len(examples)} examples, need {8 * steps}")
+    return [time_layout(LAYOUTS[name], examples, tokenizer, steps) for name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--layout", action="append", choices=list(LAYOUTS), help="time only these (repeatable); default: all"
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="also time the layouts inside a Ray task on a local cluster (the stage's process setting)",
+    )
     args = parser.parse_args()
-    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    os.environ.update(single | {"MASTER_PORT": "29531"})
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch
-
-    torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo")
-    examples, tokenizer = _examples(args.rows)
-    if len(examples) < 8 * args.steps:
-        raise SystemExit(f"--rows {args.rows}: {len(examples)} examples, need {8 * args.steps}")
+    names = args.layout or list(LAYOUTS)
     print(f"SmolLM2-135M, 8-row steps (micro 2 x accumulation 4), {args.steps} steps, {args.threads} threads")
-    base = None
-    for name, layout in LAYOUTS.items():
-        rate = time_layout(layout, examples, tokenizer, args.steps)
-        base = base or rate
-        print(f"{name:<40} {rate:7.1f} tokens/s  {rate / base:.2f}x")
+    rates = {"process": run_layouts(names, args.steps, args.rows, args.threads, 29531)}
+    if args.ray:
+        import ray
+
+        ray.init(address="local", num_cpus=args.threads, include_dashboard=False)
+        task = ray.remote(num_cpus=args.threads)(run_layouts)
+        rates["Ray task"] = ray.get(task.remote(names, args.steps, args.rows, args.threads, 29532))
+        ray.shutdown()
+    base = rates["process"][0]
+    for where, figures in rates.items():
+        for name, rate in zip(names, figures, strict=True):
+            print(f"{where:<9} {name:<40} {rate:7.1f} tokens/s  {rate / base:.2f}x")
 
 
 if __name__ == "__main__":
