@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,14 +33,15 @@ MICRO, ACCUMULATION, MAX_LENGTH, LR = 4, 2, 384, 1e-4
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # bf16 dense
 
 
-def _examples(rows: int, seed: int) -> list[dict[str, list[int]]]:
+def synthetic_examples(rows: int, seed: int) -> tuple[list[dict[str, list[int]]], Any]:
+    """(examples, tokenizer): `rows` synthetic rows in the packaged SmolLM2's chat template."""
     from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer
     from helpsteer_core.sft_data import SFTDataConfig, examples_from_rows
     from helpsteer_core.synthetic import generate
 
     tokenizer = load_generator_tokenizer(SMOLLM2)
     config = SFTDataConfig(template="chat", max_length=MAX_LENGTH)
-    return examples_from_rows(generate(rows, seed), tokenizer, config)
+    return examples_from_rows(generate(rows, seed), tokenizer, config), tokenizer
 
 
 def trl_baseline(rows: int, seed: int, steps: int, warmup: int, precision: str, out: Path) -> None:
@@ -50,11 +52,10 @@ def trl_baseline(rows: int, seed: int, steps: int, warmup: int, precision: str, 
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from helpsteer_core.generator import cached_smollm2, load_generator_tokenizer
+    from helpsteer_core.generator import cached_smollm2
 
     torch.set_num_threads(2)
-    examples = _examples(rows, seed)
-    tokenizer = load_generator_tokenizer(str(cached_smollm2()))
+    examples, tokenizer = synthetic_examples(rows, seed)
     model = AutoModelForCausalLM.from_pretrained(cached_smollm2(), dtype=torch.float32)
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     counted: list[int] = []

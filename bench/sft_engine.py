@@ -39,19 +39,6 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _examples(rows: int) -> tuple[list[dict[str, list[int]]], Any]:
-    from helpsteer_core.generator import SMOLLM2, load_generator_tokenizer
-    from helpsteer_core.sft_data import SFTDataConfig, examples_from_rows, prepare_tokenizer_for_template
-    from helpsteer_core.synthetic import generate
-
-    tokenizer = load_generator_tokenizer(SMOLLM2)
-    prepare_tokenizer_for_template(tokenizer, None, "chat")
-    config = SFTDataConfig(template="chat", max_length=384)
-    examples = examples_from_rows(generate(rows, 1), tokenizer, config)
-    random.Random(0).shuffle(examples)
-    return examples, tokenizer
-
-
 def time_layout(layout: dict[str, Any], examples: list, tokenizer: Any, steps: int) -> float:
     """Tokens/s over steps 2..`steps` of one layout."""
     import torch
@@ -108,7 +95,10 @@ def run_layouts(names: list[str], steps: int, rows: int, threads: int, port: int
 
     torch.set_num_threads(threads)
     deepspeed.init_distributed(dist_backend="gloo")
-    examples, tokenizer = _examples(rows)
+    from sft import synthetic_examples  # bench/sft.py, beside this script
+
+    examples, tokenizer = synthetic_examples(rows, 1)
+    random.Random(0).shuffle(examples)
     if len(examples) < 8 * steps:
         raise SystemExit(f"--rows {rows}: {len(examples)} examples, need {8 * steps}")
     return [time_layout(LAYOUTS[name], examples, tokenizer, steps) for name in names]
