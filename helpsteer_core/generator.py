@@ -282,11 +282,13 @@ def generate_batch(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[Generation]:
     """Continue each prompt (token ids, e.g. from `sft_data.generation_prompt_ids`) in one batch.
 
     Left-padded so every prompt ends at the same position; greedy when `temperature` is 0, else
-    seeded sampling. Stops at the generation config's eos ids plus `stop_ids`.
+    seeded sampling. Stops at the generation config's eos ids plus `stop_ids`. A
+    `repetition_penalty` above 1 (transformers' CTRL-style penalty) keeps a small model out of loops.
     """
     if not prompts:
         return []
@@ -306,6 +308,7 @@ def generate_batch(
         temperature=temperature if sampling else None,
         top_p=top_p if sampling else None,
         top_k=None,
+        repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
         eos_token_id=stops or None,
         pad_token_id=pad,
     )  # (batch, width + new)

@@ -52,11 +52,13 @@ Nothing here imports ray, mlflow or deepspeed.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -77,7 +79,7 @@ from helpsteer_core.conversation import (
 IGNORE_INDEX = -100
 CHAT_ATTRIBUTE_PREFIX = "Attributes: "
 Template = Literal["nemo", "chat"]
-AttributeSource = Literal["human", "apm", "prefer_human"]
+AttributeSource = Literal["human", "apm", "prefer_human", "apm_quantile"]
 
 
 class SFTDataConfig(StrictModel):
@@ -362,17 +364,55 @@ def _present(value: Any) -> bool:
         return type(value).__name__ != "NAType"
 
 
+def quantile_levels(
+    rows: Sequence[Mapping[str, Any]], schema: AttributeSchema = STEERLM
+) -> dict[str, list[float]]:
+    """Per attribute with APM predictions (`apm_{name}` floats, relabel output): the cut points that
+    split the rows' predictions into equal-count levels over the schema's range (4 cuts for 0..4).
+
+    For data the APM was not trained on (the untuned generator's own answers, scored by an APM that
+    saw only synthetic text) its predictions keep their order but bunch up (verbosity 1.9 for
+    one-sentence answers, 4.2 for several paragraphs): rounding would leave levels no row has.
+    Ranking them spreads the data over every level; level k is the k-th equal share of the rows.
+    """
+    levels: dict[str, list[float]] = {}
+    for name in schema.names:
+        values = [float(r[f"apm_{name}"]) for r in rows if _present(r.get(f"apm_{name}"))]
+        if values:
+            count = schema.high - schema.low + 1
+            cuts = np.quantile(np.asarray(values), [k / count for k in range(1, count)])
+            levels[name] = [float(c) for c in cuts]
+    if not levels:
+        raise ValueError(
+            "attribute source 'apm_quantile': no apm_<name> column in the rows (relabel them first)"
+        )
+    return levels
+
+
 def choose_attributes(
-    row: Mapping[str, Any], schema: AttributeSchema = STEERLM, source: AttributeSource = "prefer_human"
+    row: Mapping[str, Any],
+    schema: AttributeSchema = STEERLM,
+    source: AttributeSource = "prefer_human",
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, int]:
     """The attribute values one row is conditioned on, per attribute of `schema`.
 
     human: the `{name}` columns; apm: the APM's rounded `apm_{name}_int` columns (relabel output);
-    prefer_human: the human value where present, else the APM's. Missing values (None, NaN) are
-    left out; every value is checked against the schema, never clamped.
+    prefer_human: the human value where present, else the APM's; apm_quantile: the level of the
+    APM's `apm_{name}` float among the cut points `levels` (`quantile_levels` of the training rows).
+    Missing values (None, NaN) are left out; every value is checked against the schema, never
+    clamped.
     """
-    if source not in ("human", "apm", "prefer_human"):
-        raise ValueError(f"attribute source {source!r}; allowed: human, apm, prefer_human")
+    if source not in ("human", "apm", "prefer_human", "apm_quantile"):
+        raise ValueError(f"attribute source {source!r}; allowed: human, apm, prefer_human, apm_quantile")
+    if source == "apm_quantile":
+        if levels is None:
+            raise ValueError("attribute source 'apm_quantile' needs the cut points (quantile_levels)")
+        return {
+            name: schema.low + bisect.bisect_right(cuts, float(row[f"apm_{name}"]))
+            for name, cuts in levels.items()
+            if _present(row.get(f"apm_{name}"))
+        }
     chosen: dict[str, int] = {}
     for name in schema.names:
         human, apm = name, f"apm_{name}_int"
@@ -393,6 +433,7 @@ def examples_from_rows(
     schema: AttributeSchema = STEERLM,
     attribute_source: AttributeSource = "prefer_human",
     stats: SFTStats | None = None,
+    levels: Mapping[str, Sequence[float]] | None = None,
 ) -> list[dict[str, list[int]]]:
     """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
 
@@ -403,7 +444,7 @@ def examples_from_rows(
     """
     examples = []
     for index, row in enumerate(rows):
-        attributes = choose_attributes(row, schema, attribute_source)
+        attributes = choose_attributes(row, schema, attribute_source, levels)
         if not attributes:
             raise ValueError(
                 f"row {index}: no attribute values from source {attribute_source!r} (columns "

@@ -150,7 +150,6 @@ def render_report(
     setup: Mapping[str, Any],
 ) -> str:
     """`report.md`: `results[model][attribute]` is the list of `steerability` figures per measure."""
-    models = list(results)
     lines = [
         "# Steerability report",
         "",
@@ -161,8 +160,17 @@ def render_report(
         "",
     ]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
+    lines.append("")
+    return "\n".join(lines + sweep_tables(results, "## Mean measure per requested level")) + "\n"
+
+
+def sweep_tables(
+    results: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], means_heading: str
+) -> list[str]:
+    """The Spearman table, then `means_heading` and the mean measure per level: markdown lines."""
+    models = list(results)
     header = " | ".join(f"{m} within prompt | {m} pooled" for m in models)
-    lines += ["", f"| attribute | measure | {header} |"]
+    lines = [f"| attribute | measure | {header} |"]
     lines.append("|---|---|" + "---|---|" * len(models))
     first = results[models[0]]
     for attribute, figures in first.items():
@@ -172,7 +180,7 @@ def render_report(
                 other = results[model][attribute][index]
                 cells += [f"{other['within_prompt']:.2f}", f"{other['pooled']:.2f}"]
             lines.append(f"| {attribute} | {figure['measure']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Mean measure per requested level", ""]
+    lines += ["", means_heading, ""]
     for attribute, figures in first.items():
         for index, figure in enumerate(figures):
             lines.append(f"**{attribute} / {figure['measure']}**")
@@ -183,7 +191,61 @@ def render_report(
                 means = results[model][attribute][index]["mean_by_level"]
                 lines.append(f"| {model} | " + " | ".join(f"{v:.2f}" for v in means.values()) + " |")
             lines.append("")
+    return lines
+
+
+def render_real_section(
+    setup: Mapping[str, Any],
+    relevance: Mapping[str, Any],
+    relevance_note: str,
+    results: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+    answers: Sequence[Mapping[str, str]],
+    answer_chars: int = 500,
+) -> str:
+    """The report's "Real-style prompts" section.
+
+    `relevance[model]` holds `mean_cosine`, `median_words`, `ended_on_own` and `answers` (and
+    `relevance_ratio` the tuned/baseline ratio); `results` is shaped as in `render_report`;
+    `answers` are rows {"prompt": ..., model: answer, ...} shown side by side, each cut to
+    `answer_chars` characters.
+    """
+    lines = ["## Real-style prompts", ""]
+    lines += [f"- {key}: {value}" for key, value in setup.items()]
+    lines += ["", "### Relevance", ""]
+    lines += [
+        "| model | mean prompt-answer cosine | median words | ended on their own |",
+        "|---|---|---|---|",
+    ]
+    for model, row in relevance.items():
+        if isinstance(row, Mapping):
+            lines.append(
+                f"| {model} | {row['mean_cosine']:.3f} | {row['median_words']:.0f} | "
+                f"{row['ended_on_own']}/{row['answers']} |"
+            )
+    if "relevance_ratio" in relevance:
+        lines += [
+            "",
+            f"Relevance of the tuned model relative to the baseline: {relevance['relevance_ratio']:.2f}x.",
+        ]
+    lines += ["", f"Relevance is the {relevance_note}.", ""]
+    if results:
+        lines += ["### Attribute sweeps on real prompts", ""]
+        lines += sweep_tables(results, "### Mean measure per requested level (real prompts)")
+    if answers:
+        columns = [c for c in answers[0] if c != "prompt"]
+        lines += ["### Answers at the default attributes", ""]
+        lines += ["| prompt | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for row in answers:
+            cells = [_cell(row["prompt"], answer_chars)] + [_cell(row[c], answer_chars) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, limit: int) -> str:
+    """`text` as one markdown table cell: cut to `limit` characters, `|` escaped, newlines as <br>."""
+    cut = text if len(text) <= limit else text[:limit].rstrip() + " …"
+    return cut.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "(empty)"
 
 
 __all__ = [
@@ -193,10 +255,12 @@ __all__ = [
     "flesch_kincaid_grade",
     "measure",
     "measures_for",
+    "render_real_section",
     "render_report",
     "sentence_count",
     "steerability",
     "sweep",
+    "sweep_tables",
     "syllables",
     "words",
 ]

@@ -2,6 +2,7 @@
 
 helpsteer synth --rows 2000 --seed 1 --out data/synth
 helpsteer filter --data data/synth --out runs/filtered
+helpsteer generate-answers --out runs/answers --questions 120
 helpsteer train-sft --data runs/relabelled --out runs/sft
 helpsteer evaluate --generator runs/sft --apm runs/apm --data runs/filtered/validation --out runs/eval
 helpsteer run --config configs/local.yaml
@@ -161,6 +162,21 @@ def relabel(
     _run_stage("relabel", "RelabelConfig", config, _options(apm=apm, data=data, out=out) + list(set_ or []))
 
 
+@app.command("generate-answers")
+def generate_answers(
+    out: Annotated[Path | None, typer.Option(help="Output folder (answers, rejects, stats)")] = None,
+    generator: Annotated[
+        str | None, typer.Option(help="The untuned generator: hub id, folder or package:")
+    ] = None,
+    questions: Annotated[int | None, typer.Option(min=1, help="Questions from the shipped bank")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The untuned generator answers bank questions in several styles (Ray Data), for AC-SFT."""
+    overrides = _options(out=out, generator=generator, questions=questions) + list(set_ or [])
+    _run_stage("generate_answers", "AnswersConfig", config, overrides)
+
+
 @app.command("filter")
 def filter_(
     data: Annotated[str | None, typer.Option(help="File, folder, hf:ID or owner/name")] = None,
@@ -184,8 +200,8 @@ def run(
     force: Annotated[bool, typer.Option(help="Rerun stages whose output is already complete")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the whole pipeline (filter, train-apm, relabel, train-sft, evaluate) under one MLflow run;
-    stages whose output is complete for this config are skipped."""
+    """Run the whole pipeline (filter, train-apm, generate-answers, relabel, train-sft, evaluate)
+    under one MLflow run; stages whose output is complete for this config are skipped."""
     options = _options(from_stage=from_, until_stage=until) + (["force=true"] if force else [])
     _run_stage("pipeline", "PipelineConfig", config, options + list(set_ or []))
 

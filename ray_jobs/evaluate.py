@@ -13,6 +13,12 @@ response is measured (words, Flesch-Kincaid grade, the APM's attributes) and the
 `responses.parquet`, `metrics.json`, one PNG per attribute and `report.md` to `out`, and logs them
 to MLflow. `mt_bench=FILE` also answers FastChat's MT-Bench questions (both turns) with the
 `mt_bench_attributes` and writes FastChat's `model_answer/<model_id>.jsonl`.
+
+`real_prompts=[FILE, ...]` adds real-style prompts (`helpsteer_core.prompt_files`): the first
+`real_relevance_prompts` are answered at the defaults and scored for prompt-answer relevance
+(`helpsteer_core.relevance`), so a model that follows the knobs with off-topic filler shows, and
+`real_attribute_prompts` sweeps attributes on them too. Every request, synthetic or real, goes
+into one generation pass per model; records carry `prompt_set` ("synthetic" or "real").
 """
 
 from __future__ import annotations
@@ -20,30 +26,38 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from pydantic import Field
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
-from helpsteer_core.config import StrictModel, dump_config, resolve_path
-from helpsteer_core.conversation import Turn, parse_prompt_turns
-from helpsteer_core.generator import generate_batch, load_steerable, read_training_setup
+from helpsteer_core.config import dump_config, resolve_path
+from helpsteer_core.conversation import parse_prompt_turns
+from helpsteer_core.generator import read_training_setup
+from helpsteer_core.model_sources import MINILM, resolve_model_path
+from helpsteer_core.prompt_files import read_prompt_file, real_prompts
 from helpsteer_core.readers import read_parquet_rows
-from helpsteer_core.sft_data import (
-    SFTDataConfig,
-    generation_prompt_ids,
+from helpsteer_core.relevance import describe as describe_relevance
+from helpsteer_core.relevance import relevance as relevance_scores
+from helpsteer_core.steering import (
+    measure,
+    measures_for,
+    render_real_section,
+    render_report,
+    steerability,
+    sweep,
 )
-from helpsteer_core.steering import measure, measures_for, render_report, steerability, sweep
+from ray_jobs.generation import GenerationSettings, generate_on_ray
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
@@ -51,7 +65,7 @@ log = logging.getLogger("helpsteer.evaluate")
 SCHEMA = STEERLM
 
 
-class EvaluateSettings(StrictModel):
+class EvaluateSettings(GenerationSettings):
     """How to evaluate; the pipeline profile's `evaluate:` section."""
 
     prompts: int = Field(20, ge=1)  # distinct held-out prompts per sweep
@@ -59,20 +73,18 @@ class EvaluateSettings(StrictModel):
     attribute_prompts: dict[str, int] = {}
     attributes: list[str] = list(HELPSTEER_ATTRIBUTES)  # the attributes swept 0..4
     defaults: Literal["helpsteer", "helpsteer2"] = "helpsteer2"  # the other attributes' values
-    max_new_tokens: int = Field(192, ge=1)
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy (deterministic)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(20, ge=1)  # prompts per generate call
-    actors: int = Field(1, ge=1)  # generator replicas in the Ray Data actor pool
-    cpus_per_actor: int = Field(2, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    # Generation dtype on CPU (GPUs use bfloat16). bfloat16 sampled 1.6x faster than float32 on this
-    # project's 2-core AMD EPYC (AVX512-BF16); on a CPU without bf16 instructions keep float32.
-    cpu_dtype: Literal["float32", "bfloat16"] = "float32"
     mt_bench: str | None = None  # FastChat question.jsonl, e.g. ../shared/data/mt_bench/question.jsonl
     mt_bench_attributes: dict[str, int] | None = None  # default: the `defaults` profile
     mt_bench_max_new_tokens: int = Field(512, ge=1)
-    seed: int = 0
+    # Real-style prompt files (.jsonl rows with `prompt` or `turns`, or .txt one per line), mixed
+    # round robin, e.g. [../shared/data/helpsteer2/train_rows_001_060.jsonl,
+    # ../shared/data/mt_bench/question.jsonl]; empty = no real-prompt evaluation.
+    real_prompts: list[str] = []
+    real_relevance_prompts: int = Field(24, ge=1)  # real prompts asked at the defaults, for relevance
+    # Attribute -> real prompts swept 0..4 for it, e.g. {verbosity: 20, complexity: 20}; each must
+    # be one of `attributes`. Empty = relevance only.
+    real_attribute_prompts: dict[str, int] = {}
+    relevance_encoder: str = MINILM  # sentence encoder of the prompt-answer cosine (helpsteer_core.relevance)
 
 
 class EvaluateConfig(EvaluateSettings):
@@ -88,81 +100,6 @@ class EvaluateConfig(EvaluateSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-class Generator:
-    """Ray Data callable class: one model per actor; a batch of requests in, responses out."""
-
-    def __init__(self, model: str, examples: dict[str, Any], max_new_tokens: int, sampling: dict[str, Any]):
-        import torch
-
-        torch.set_num_threads(sampling.pop("threads"))
-        self.config = SFTDataConfig.model_validate(examples)
-        dtype = getattr(torch, sampling.pop("cpu_dtype"))
-        self.model, self.tokenizer, self.stop = load_steerable(model, examples, dtype)
-        self.max_new_tokens, self.sampling = max_new_tokens, sampling
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = [
-            generation_prompt_ids(
-                [Turn(**t) for t in json.loads(turns)],
-                json.loads(attributes),
-                self.tokenizer,
-                self.config,
-                SCHEMA,
-                self.max_new_tokens,
-            )
-            for turns, attributes in zip(batch["turns"], batch["attributes"], strict=True)
-        ]
-        started = time.perf_counter()
-        results = generate_batch(
-            self.model, self.tokenizer, prompts, self.max_new_tokens, stop_ids=self.stop, **self.sampling
-        )
-        seconds = time.perf_counter() - started
-        return {
-            "request_id": batch["request_id"],
-            "response": np.array([r.text for r in results], dtype=object),
-            "new_tokens": np.array([r.new_tokens for r in results]),
-            "finished": np.array([r.finished for r in results]),
-            "batch_seconds": np.full(len(results), seconds),
-        }
-
-
-def _generate(
-    model: str,
-    requests: list[dict[str, Any]],
-    config: EvaluateConfig,
-    examples: dict[str, Any],
-    max_new_tokens: int,
-) -> dict[int, dict[str, Any]]:
-    """request_id -> response fields, for every request, generated by `model` on Ray Data."""
-    # A batch decodes until its longest answer ends, so requests for the same verbosity batch
-    # together (a short answer does not wait on a long one), then prompts of similar length.
-    order = sorted(requests, key=lambda r: (json.loads(r["attributes"]).get("verbosity", 0), len(r["turns"])))
-    dataset = ray.data.from_items(order).map_batches(
-        Generator,
-        fn_constructor_kwargs={
-            "model": model,
-            "examples": examples,
-            "max_new_tokens": max_new_tokens,
-            "sampling": {
-                "temperature": config.temperature,
-                "top_p": config.top_p,
-                "seed": config.seed,
-                "threads": config.cpus_per_actor,
-                "cpu_dtype": config.cpu_dtype,
-            },
-        },
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=config.gpus_per_actor,
-    )
-    answers = {int(r["request_id"]): r for r in dataset.take_all()}
-    missing = {r["request_id"] for r in requests} - set(answers)
-    if missing:
-        raise RuntimeError(f"{model}: no response for {len(missing)} requests")
-    return answers
-
-
 def held_out_prompts(data: Path, count: int) -> list[str]:
     """The first `count` distinct prompts of `data`, in file order."""
     prompts: list[str] = []
@@ -174,7 +111,49 @@ def held_out_prompts(data: Path, count: int) -> list[str]:
     raise ValueError(f"{data}: {len(prompts)} distinct prompts, fewer than prompts={count}")
 
 
-def _plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> list[Path]:
+@dataclass(frozen=True)
+class Ask:
+    """One answer the evaluation records: a sweep request, or (attribute None) a real prompt at the
+    defaults asked for relevance only."""
+
+    prompt_set: str  # "synthetic" (the held-out split) or "real" (`real_prompts` files)
+    prompt_id: int
+    attribute: str | None
+    level: int | None
+    attributes: dict[str, int]
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """Equal asks share one generated answer."""
+        return self.prompt_set, self.prompt_id, json.dumps(self.attributes, sort_keys=True)
+
+
+def _check_counts(field: str, counts: dict[str, int], attributes: list[str]) -> None:
+    for name, count in counts.items():
+        if name not in attributes or count < 1:
+            raise ValueError(
+                f"{field}: {name}: {count}; allowed: a swept attribute "
+                f"({', '.join(attributes)}) and a count of at least 1"
+            )
+
+
+def _plan(
+    counts: dict[str, int], real_counts: dict[str, int], relevance_prompts: int, defaults: dict[str, int]
+) -> list[Ask]:
+    """The synthetic sweeps, the real sweeps, then the real prompts asked at the defaults."""
+    plan = [
+        Ask(prompt_set, r.prompt_id, r.attribute, r.level, r.attributes)
+        for prompt_set, per in (("synthetic", counts), ("real", real_counts))
+        for a, n in per.items()
+        for r in sweep(n, [a], defaults, SCHEMA)
+    ]
+    return plan + [Ask("real", p, None, None, dict(defaults)) for p in range(relevance_prompts)]
+
+
+def _plot(
+    results: dict[str, dict[str, list[dict[str, Any]]]], out: Path, prefix: str = "steer", prompts: str = ""
+) -> list[Path]:
+    """`<prefix>_<attribute>.png` per swept attribute; `prompts` names the prompt set in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,9 +173,9 @@ def _plot(results: dict[str, dict[str, list[dict[str, Any]]]], out: Path) -> lis
             ax.set_ylabel(figure["measure"])
             ax.set_xticks(list(figure["mean_by_level"]))
             ax.legend(fontsize=8)
-        fig.suptitle(f"{attribute} sweep: mean measure per requested level")
+        fig.suptitle(f"{attribute} sweep{prompts}: mean measure per requested level")
         fig.tight_layout()
-        path = out / f"steer_{attribute}.png"
+        path = out / f"{prefix}_{attribute}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
@@ -217,26 +196,35 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     defaults = {k: v for k, v in DEFAULT_ATTRIBUTES[config.defaults].items()}
     for name in config.attributes:
         SCHEMA.index(name)  # an unknown attribute is named before anything else is checked
+    _check_counts("attribute_prompts", config.attribute_prompts, config.attributes)
+    _check_counts("real_attribute_prompts", config.real_attribute_prompts, config.attributes)
     counts = {a: config.attribute_prompts.get(a, config.prompts) for a in config.attributes}
-    for name, count in config.attribute_prompts.items():
-        if name not in config.attributes or count < 1:
-            raise ValueError(
-                f"attribute_prompts: {name}: {count}; allowed: a swept attribute "
-                f"({', '.join(config.attributes)}) and a count of at least 1"
-            )
-    prompts = held_out_prompts(data, max(counts.values()))
-    plan = [r for a in config.attributes for r in sweep(counts[a], [a], defaults, SCHEMA)]
-    # The all-defaults request of a prompt recurs in every attribute's sweep: generated once.
-    unique: dict[tuple[int, str], int] = {}
-    for r in plan:
-        unique.setdefault((r.prompt_id, json.dumps(r.attributes, sort_keys=True)), len(unique))
+    real_counts = {
+        a: config.real_attribute_prompts[a] for a in config.attributes if a in config.real_attribute_prompts
+    }
+    real_files = [resolve_path(f) for f in config.real_prompts]
+    if real_counts and not real_files:
+        raise ValueError("real_attribute_prompts: set, but real_prompts names no prompt files to sweep on")
+    prompts = {"synthetic": held_out_prompts(data, max(counts.values()))}
+    if real_files:  # bad files and an unknown encoder fail here, before any generation
+        prompts["real"] = real_prompts(
+            real_files, max([config.real_relevance_prompts, *real_counts.values()])
+        )
+        resolve_model_path(config.relevance_encoder)
+    plan = _plan(counts, real_counts, config.real_relevance_prompts if real_files else 0, defaults)
+    # The all-defaults request of a prompt recurs in every attribute's sweep (and, for a real
+    # prompt, serves relevance too): generated once.
+    unique: dict[tuple[str, int, str], int] = {}
+    for ask in plan:
+        unique.setdefault(ask.key, len(unique))
     requests = [
         {
             "request_id": i,
             "attributes": attributes,
-            "turns": json.dumps([vars(t) for t in parse_prompt_turns(prompts[prompt_id])]),
+            "turns": json.dumps([vars(t) for t in parse_prompt_turns(prompts[prompt_set][prompt_id])]),
+            "order": json.loads(attributes).get("verbosity", 0),
         }
-        for (prompt_id, attributes), i in unique.items()
+        for (prompt_set, prompt_id, attributes), i in unique.items()
     ]
     resolved = config.model_copy(
         update={
@@ -244,6 +232,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             "data": str(data),
             "out": str(out),
             "apm": str(apm) if apm else None,
+            "real_prompts": [str(f) for f in real_files],
         }
     )
     ensure_ray()
@@ -256,19 +245,20 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         timing = {}
         for name, model in models.items():
             started = time.perf_counter()
-            answers = _generate(model, requests, config, examples, config.max_new_tokens)
+            answers = generate_on_ray(model, requests, config, examples)
             timing[name] = time.perf_counter() - started
             log.info("evaluate: %s answered %d requests in %.0f s", name, len(requests), timing[name])
-            for r in plan:
-                answer = answers[unique[(r.prompt_id, json.dumps(r.attributes, sort_keys=True))]]
+            for ask in plan:
+                answer = answers[unique[ask.key]]
                 records.append(
                     {
                         "model": name,
-                        "prompt_id": r.prompt_id,
-                        "attribute": r.attribute,
-                        "level": r.level,
-                        "attributes": json.dumps(r.attributes),
-                        "prompt": prompts[r.prompt_id],
+                        "prompt_set": ask.prompt_set,
+                        "prompt_id": ask.prompt_id,
+                        "attribute": ask.attribute,
+                        "level": ask.level,
+                        "attributes": json.dumps(ask.attributes),
+                        "prompt": prompts[ask.prompt_set][ask.prompt_id],
                         "response": answer["response"],
                         "new_tokens": int(answer["new_tokens"]),
                         "finished": bool(answer["finished"]),
@@ -277,16 +267,11 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
                 )
         if apm is not None:
             _score(apm, records)
-        results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        for name in models:
-            mine = [r for r in records if r["model"] == name]
-            results[name] = {
-                attribute: [
-                    steerability(mine, attribute, key) for key in measures_for(attribute) if key in mine[0]
-                ]
-                for attribute in config.attributes
-            }
+        relevance = _relevance(records, defaults, config.relevance_encoder) if real_files else {}
+        results = _sweep_results(records, list(models), "synthetic", list(counts))
+        real_results = _sweep_results(records, list(models), "real", list(real_counts)) if real_counts else {}
         pq.write_table(pa.Table.from_pylist(records), staging / "responses.parquet")
+        synthetic = [r for r in records if r["prompt_set"] == "synthetic"]
         report_setup = {
             "generator": str(generator),
             "baseline": baseline,
@@ -295,25 +280,49 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             "defaults": f"{config.defaults} {defaults}",
             "decoding": f"temperature {config.temperature}, max_new_tokens {config.max_new_tokens}",
             "responses that ended on their own": ", ".join(
-                f"{m} {sum(r['finished'] for r in records if r['model'] == m)}/{len(plan)}" for m in models
+                f"{m} {sum(r['finished'] for r in synthetic if r['model'] == m)}"
+                f"/{sum(r['model'] == m for r in synthetic)}"
+                for m in models
             ),
         }
-        (staging / "report.md").write_text(render_report(results, report_setup))
-        (staging / "metrics.json").write_text(
-            json.dumps({"setup": report_setup, "results": results}, indent=2)
-        )
+        report = render_report(results, report_setup)
+        real_setup: dict[str, Any] = {}
+        if real_files:
+            real_setup = _real_setup(real_files, prompts["real"], config, real_counts, defaults)
+            report += "\n" + render_real_section(
+                real_setup,
+                relevance,
+                describe_relevance(config.relevance_encoder),
+                real_results,
+                _side_by_side(records, list(models), defaults, 5),
+            )
+        (staging / "report.md").write_text(report)
+        metrics = {"setup": report_setup, "results": results}
+        metrics |= {"real_setup": real_setup, "real_results": real_results, "relevance": relevance}
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (staging / "evaluate_config.yaml").write_text(dump_config(resolved))
         plots = _plot(results, staging)
+        if real_results:
+            plots += _plot(real_results, staging, "steer_real", " on real prompts")
         if config.mt_bench:
             _mt_bench(config, models, examples, staging / "mt_bench", defaults)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
-        summary = _summary(results)
-        tracked.log_metrics({"steer": summary, "seconds": timing})
+        summary, real_summary = _summary(results), _summary(real_results)
+        tracked.log_metrics(
+            {"steer": summary, "steer_real": real_summary, "relevance": relevance, "seconds": timing}
+        )
         tracked.log_outputs({"evaluation": out})
     log.info("evaluate: report in %s; %d plots", out / "report.md", len(plots))
-    return {"out": str(out), "steerability": summary, "results": results}
+    return {
+        "out": str(out),
+        "steerability": summary,
+        "results": results,
+        "real_results": real_results,
+        "real_steerability": real_summary,
+        "relevance": relevance,
+    }
 
 
 def _summary(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -324,6 +333,99 @@ def _summary(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, d
         }
         for model, per in results.items()
     }
+
+
+def _sweep_results(
+    records: list[dict[str, Any]], models: list[str], prompt_set: str, attributes: list[str]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """model -> attribute -> `steerability` figures per measure, over one prompt set's sweeps."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in models:
+        mine = [r for r in records if r["model"] == name and r["prompt_set"] == prompt_set]
+        results[name] = {
+            attribute: [
+                steerability(mine, attribute, key) for key in measures_for(attribute) if key in mine[0]
+            ]
+            for attribute in attributes
+        }
+    return results
+
+
+def _last_user_text(prompt: str) -> str:
+    """What a multi-turn prompt asks now: its last User turn (relevance compares the answer to it)."""
+    return [t.text for t in parse_prompt_turns(prompt) if t.role == "User"][-1]
+
+
+def _is_default(record: dict[str, Any], defaults: dict[str, int]) -> bool:
+    return bool(record["prompt_set"] == "real" and json.loads(record["attributes"]) == defaults)
+
+
+def _relevance(records: list[dict[str, Any]], defaults: dict[str, int], encoder: str) -> dict[str, Any]:
+    """Prompt-answer cosine of every real prompt's default-attribute answer, scored once per
+    (model, prompt) and written to each of its records (`relevance`; NaN elsewhere); returns
+    model -> summary, plus `relevance_ratio` (tuned mean / baseline mean) with a baseline."""
+    answered: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        r["relevance"] = float("nan")
+        if _is_default(r, defaults):
+            answered.setdefault((r["model"], r["prompt_id"]), []).append(r)
+    firsts = [group[0] for group in answered.values()]
+    scores = relevance_scores(
+        [_last_user_text(r["prompt"]) for r in firsts], [r["response"] for r in firsts], encoder
+    )
+    for group, score in zip(answered.values(), scores, strict=True):
+        for r in group:
+            r["relevance"] = score
+    summary: dict[str, Any] = {}
+    for model in dict.fromkeys(r["model"] for r in firsts):
+        mine = [r for r in firsts if r["model"] == model]
+        summary[model] = {
+            "prompts": len(mine),
+            "mean_cosine": round(float(statistics.fmean(r["relevance"] for r in mine)), 4),
+            "median_words": float(statistics.median(r["words"] for r in mine)),
+            "ended_on_own": sum(bool(r["finished"]) for r in mine),
+            "answers": len(mine),
+        }
+    if "tuned" in summary and "baseline" in summary and summary["baseline"]["mean_cosine"] > 0:
+        summary["relevance_ratio"] = round(
+            summary["tuned"]["mean_cosine"] / summary["baseline"]["mean_cosine"], 4
+        )
+    log.info("evaluate: relevance %s", summary)
+    return summary
+
+
+def _real_setup(
+    files: list[Path],
+    prompts: list[str],
+    config: EvaluateConfig,
+    real_counts: dict[str, int],
+    defaults: dict[str, int],
+) -> dict[str, Any]:
+    """The report's and metrics.json's account of the real prompts: files, counts, what was asked."""
+    taken = set(prompts)
+    per_file = ", ".join(f"{f} ({len(taken.intersection(read_prompt_file(f)))})" for f in files)
+    sweeps = ", ".join(f"{a} {n}" for a, n in real_counts.items()) or "none"
+    return {
+        "prompts": f"{len(prompts)} distinct, taken round robin from {per_file}",
+        "relevance prompts": f"{config.real_relevance_prompts}, at the defaults {defaults}",
+        "sweeps": sweeps,
+        "encoder": config.relevance_encoder,
+    }
+
+
+def _side_by_side(
+    records: list[dict[str, Any]], models: list[str], defaults: dict[str, int], count: int
+) -> list[dict[str, str]]:
+    """The first `count` real prompts with each model's default-attribute answer."""
+    answers: dict[int, dict[str, str]] = {}
+    for r in records:
+        if _is_default(r, defaults):
+            row = answers.setdefault(r["prompt_id"], {"prompt": _last_user_text(r["prompt"])})
+            row.setdefault(r["model"], str(r["response"]))
+    return [
+        {"prompt": row["prompt"]} | {m: row.get(m, "") for m in models}
+        for _, row in sorted(answers.items())[:count]
+    ]
 
 
 def _score(apm: Path, records: list[dict[str, Any]]) -> None:
@@ -382,7 +484,7 @@ def _mt_bench(
                 for i, q in enumerate(questions)
                 if turn < len(q["turns"])
             ]
-            replies = _generate(model, requests, config, examples, config.mt_bench_max_new_tokens)
+            replies = generate_on_ray(model, requests, config, examples, config.mt_bench_max_new_tokens)
             for request in requests:
                 i, text = request["request_id"], str(replies[request["request_id"]]["response"])
                 histories[i] += [

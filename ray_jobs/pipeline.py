@@ -5,8 +5,12 @@ r"""The SteerLM pipeline as one job, on the embedded default or any reader sourc
     ray job submit --working-dir . -- \
         python -m ray_jobs.pipeline --config configs/local.yaml runs_dir=/abs/runs
 
-Stages, in order: filter -> train_apm -> relabel -> train_sft -> evaluate (on synthetic data
-when `data` is not set). Each runs as a nested MLflow run under one parent run. Each stage's
+Stages, in order: filter -> train_apm -> generate_answers -> relabel -> train_sft -> evaluate (on
+synthetic data when `data` is not set). With an `answers:` section (the local profile) the untuned
+generator writes its own answers to everyday questions in several styles, the APM labels them
+(relabel) and AC-SFT trains on them, conditioned on the APM's attributes: SteerLM's bootstrapping
+shape, which keeps the model answering as it did. Without it, relabel labels the filter's training
+split and generate_answers is off. Each runs as a nested MLflow run under one parent run. Each stage's
 output folder is `runs_dir/<stage>-<key>`, where the key hashes the stage's settings and the keys
 of its inputs, so a changed SFT setting gives train_sft and evaluate new keys and nothing else.
 A stage whose output is complete (its record in `runs_dir/.pipeline/`) is skipped and says so;
@@ -38,6 +42,7 @@ from helpsteer_core.config import StrictModel, resolve_path
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
 from ray_jobs import evaluate as evaluate_stage
 from ray_jobs import filter_data
+from ray_jobs import generate_answers as answers_stage
 from ray_jobs import relabel as relabel_stage
 from ray_jobs import train_apm as train_apm_stage
 from ray_jobs import train_sft as train_sft_stage
@@ -45,13 +50,14 @@ from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.pipeline")
-STAGES = ("filter", "train_apm", "relabel", "train_sft", "evaluate")
-Stage = Literal["filter", "train_apm", "relabel", "train_sft", "evaluate"]
+STAGES = ("filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate")
+Stage = Literal["filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate"]
 RECORDS = ".pipeline"
 # runs_dir/<link> -> the current output of each stage (the paths the stage configs default to).
 LINKS = {
     "filter": "filtered",
     "train_apm": "apm",
+    "generate_answers": "answers",
     "relabel": "relabelled",
     "train_sft": "sft",
     "evaluate": "eval",
@@ -73,6 +79,8 @@ class PipelineConfig(StrictModel):
     synthetic: SyntheticConfig = SyntheticConfig()
     filter: filter_data.FilterSettings = filter_data.FilterSettings()
     apm: train_apm_stage.TrainAPMSettings = train_apm_stage.TrainAPMSettings()
+    # The untuned generator's own answers as AC-SFT's data (null: AC-SFT trains on the filter's rows).
+    answers: answers_stage.AnswersSettings | None = None
     relabel: relabel_stage.RelabelSettings = relabel_stage.RelabelSettings()
     sft: train_sft_stage.TrainSFTSettings = train_sft_stage.TrainSFTSettings()
     evaluate: evaluate_stage.EvaluateSettings = evaluate_stage.EvaluateSettings()
@@ -99,10 +107,18 @@ class _Plan:
         self.keys: dict[str, str] = {}
         self.keys["filter"] = _key(data, dump["filter"])
         self.keys["train_apm"] = _key(self.keys["filter"], dump["apm"])
-        self.keys["relabel"] = _key(self.keys["train_apm"], dump["relabel"])
+        if config.answers is not None:
+            written_by = {"generator": config.sft.generator, "examples": dump["sft"]["examples"]}
+            self.keys["generate_answers"] = _key(config.answers.model_dump(mode="json"), written_by)
+        self.answers = config.answers is not None
+        relabelled = self.keys["generate_answers"] if self.answers else self.keys["filter"]
+        self.keys["relabel"] = _key(self.keys["train_apm"], dump["relabel"], relabelled)
         self.keys["train_sft"] = _key(self.keys["relabel"], self.keys["filter"], dump["sft"])
         self.keys["evaluate"] = _key(self.keys["train_sft"], self.keys["train_apm"], dump["evaluate"])
         self.runs = runs
+
+    def used(self, stage: str) -> bool:
+        return stage in self.keys
 
     def out(self, stage: str) -> Path:
         return self.runs / f"{stage}-{self.keys[stage]}"
@@ -149,7 +165,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     data = config.data or _synthetic_source(config, runs)
     plan = _Plan(config, runs, data)
     for stage in STAGES[:first]:
-        if plan.complete(stage) is None:
+        if plan.used(stage) and plan.complete(stage) is None:
             raise ValueError(
                 f"--from {config.from_stage}: the earlier stage {stage} has no complete output for this "
                 "config "
@@ -158,6 +174,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     stages: dict[str, Callable[[], dict[str, Any]]] = {
         "filter": lambda: _filter(config, plan, data, tracking),
         "train_apm": lambda: _train_apm(config, plan, tracking),
+        "generate_answers": lambda: _generate_answers(config, plan, tracking),
         "relabel": lambda: _relabel(config, plan, tracking),
         "train_sft": lambda: _train_sft(config, plan, tracking),
         "evaluate": lambda: _evaluate(config, plan, tracking),
@@ -166,6 +183,9 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     status: dict[str, str] = {}
     with stage_run("pipeline", config, tracking):
         for index, stage in enumerate(STAGES):
+            if not plan.used(stage):
+                status[stage] = "off"
+                continue
             done = plan.complete(stage)
             if index < first or index > last:
                 if done is not None:
@@ -215,13 +235,29 @@ def _train_apm(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) ->
     return train_apm_stage.run(stage_config)
 
 
+def _generate_answers(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    assert config.answers is not None  # the stage is off without an `answers:` section
+    stage_config = answers_stage.AnswersConfig.model_validate(
+        {
+            **config.answers.model_dump(),
+            "generator": config.sft.generator,
+            "examples": config.sft.examples.model_dump(),
+            "out": str(plan.out("generate_answers")),
+            "tracking": tracking.model_dump(),
+        }
+    )
+    return answers_stage.run(stage_config)
+
+
 def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
-    # The training split gets the APM's attributes beside the human ones, for AC-SFT.
+    # The generator's own answers (or the filter's training split) get the APM's attributes, beside
+    # any human ones, for AC-SFT.
+    data = plan.out("generate_answers") if plan.answers else plan.out("filter") / "train"
     stage_config = relabel_stage.RelabelConfig.model_validate(
         {
             **config.relabel.model_dump(),
             "apm": str(plan.out("train_apm")),
-            "data": str(plan.out("filter") / "train"),
+            "data": str(data),
             "out": str(plan.out("relabel")),
             "tracking": tracking.model_dump(),
         }
@@ -234,7 +270,9 @@ def _train_sft(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) ->
         {
             **config.sft.model_dump(),
             "data": str(plan.out("relabel")),
-            "validation": str(plan.out("filter") / "validation"),
+            # The filter's validation rows carry human labels of the synthetic set, not the answers'
+            # APM labels: with self-written answers there is no validation loss (evaluate measures).
+            "validation": None if plan.answers else str(plan.out("filter") / "validation"),
             "out": str(plan.out("train_sft")),
             "storage": str(plan.runs / "ray_train"),
             "run_name": f"sft-{plan.keys['train_sft']}",
@@ -256,7 +294,8 @@ def _evaluate(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> 
         }
     )
     result = evaluate_stage.run(stage_config)
-    return {"out": result["out"], "steerability": result["steerability"]}
+    keep = ("out", "steerability", "real_steerability", "relevance")
+    return {key: result[key] for key in keep}
 
 
 def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan) -> None:
@@ -265,7 +304,7 @@ def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan)
         table.add_column(column)
     for stage in STAGES:
         if stage not in summary:
-            table.add_row(stage, "not run", "", "", "")
+            table.add_row(stage, status.get(stage, "not run"), "", "", "")
             continue
         wall = summary[stage].get("wall_s")
         took = "" if wall is None else f"{wall:.0f} s" if status[stage] == "ran" else f"(ran in {wall:.0f} s)"
@@ -290,6 +329,11 @@ def _result(stage: str, result: dict[str, Any]) -> str:
         )
         beats = sum(bool(m["beats_baseline_rmse"]) for m in attributes.values())
         return f"validation Pearson: {pearson}; RMSE beats the mean on {beats}/{len(attributes)}"
+    if stage == "generate_answers":
+        return (
+            f"{result['requested']} answers: kept {result['kept']}, rejected {result['rejected']}; "
+            f"{result['new_tokens_per_second']} new tokens/s"
+        )
     if stage == "relabel":
         return f"{result['output_rows']} rows, {result['rows_per_second']} rows/s"
     if stage == "train_sft":
@@ -301,7 +345,20 @@ def _result(stage: str, result: dict[str, Any]) -> str:
     for model, per in result["steerability"].items():
         figures = ", ".join(f"{a} {next(iter(m.values())):.2f}" for a, m in per.items())
         lines.append(f"{model}: {figures}")
-    return "Spearman (within prompt) " + "; ".join(lines)
+    text = "Spearman (within prompt) " + "; ".join(lines)
+    # Runs recorded before real-style prompts existed have neither key; runs without them, empty ones.
+    real, relevance = result.get("real_steerability") or {}, result.get("relevance") or {}
+    parts = []
+    if real.get("tuned"):
+        parts.append(
+            "tuned " + ", ".join(f"{a} {next(iter(m.values())):.2f}" for a, m in real["tuned"].items())
+        )
+    if "tuned" in relevance:
+        against = (
+            f" / untuned {relevance['baseline']['mean_cosine']:.2f}" if "baseline" in relevance else ""
+        ) + (f" ({relevance['relevance_ratio']:.2f}x)" if "relevance_ratio" in relevance else "")
+        parts.append(f"relevance tuned {relevance['tuned']['mean_cosine']:.2f}{against}")
+    return text + (f"; real prompts: {'; '.join(parts)}" if parts else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

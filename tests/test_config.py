@@ -212,3 +212,27 @@ def test_load_config_reads_relative_paths_from_helpsteer_home(
     monkeypatch.setenv(HOME_ENV, str(tmp_path))
     monkeypatch.chdir("/")
     assert load_config(Stage, "stage.yaml").seed == 42
+
+
+SHIPPED = {
+    "filter_data.yaml": ("ray_jobs.filter_data", "FilterStageConfig"),
+    "train_apm.yaml": ("ray_jobs.train_apm", "TrainAPMConfig"),
+    "generate_answers.yaml": ("ray_jobs.generate_answers", "AnswersConfig"),
+    "relabel.yaml": ("ray_jobs.relabel", "RelabelConfig"),
+    "train_sft.yaml": ("ray_jobs.train_sft", "TrainSFTConfig"),
+    "evaluate.yaml": ("ray_jobs.evaluate", "EvaluateConfig"),
+    "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_config_loads_into_its_stage_and_names_its_command(name: str) -> None:
+    import importlib
+
+    repo = Path(__file__).resolve().parents[1]
+    assert {p.name for p in (repo / "configs").glob("*.yaml")} == set(SHIPPED)
+    module, cls = SHIPPED[name]
+    path = repo / "configs" / name
+    load_config(getattr(importlib.import_module(module), cls), path)
+    assert path.read_text().startswith("# "), f"{name} must start with the command that runs it"

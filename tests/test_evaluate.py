@@ -1,6 +1,7 @@
 """The evaluation stage on a local Ray cluster with tiny models: every sweep request answered by
 both models on Ray Data, measured, reported (report.md, metrics.json, plots, MLflow), and
-MT-Bench answers in FastChat's format; bad input fails before any generation."""
+MT-Bench answers in FastChat's format, real-style prompts answered in the same pass and scored for
+relevance; bad input fails before any generation."""
 
 from __future__ import annotations
 
@@ -16,12 +17,28 @@ import yaml
 from helpsteer_core.apm import APMConfig, AttributePredictionModel
 from helpsteer_core.attributes import STEERLM, AttributeValueError
 from helpsteer_core.config import dump_config
+from helpsteer_core.conversation import parse_prompt_turns
+from helpsteer_core.prompt_files import real_prompts
 from ray_jobs.evaluate import EvaluateConfig, run
 from ray_jobs.tracking import TrackingConfig, runs_for
 from ray_jobs.train_sft import TrainSFTConfig
 
 pytestmark = pytest.mark.slow
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
+HELPSTEER2 = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "helpsteer2" / "train_rows_001_060.jsonl"
+)
+
+
+def _real_prompt_files(tmp_path: Path) -> list[str]:
+    """HelpSteer2 rows and MT-Bench questions from ../shared; stand-ins of both formats without it."""
+    if HELPSTEER2.is_file() and MT_BENCH.is_file():
+        return [str(HELPSTEER2), str(MT_BENCH)]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": p}) for p in ["What is rain?", "Name a river."]) + "\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "turns": ["Why is the sky blue?", "Shorter."]}) + "\n")
+    return [str(rows), str(questions)]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +89,15 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
         questions = tmp_path / "question.jsonl"
         questions.write_text("\n".join(MT_BENCH.read_text().splitlines()[:2]) + "\n")
         extra = {"mt_bench": str(questions), "mt_bench_max_new_tokens": 4}
+    extra |= {
+        "real_prompts": _real_prompt_files(tmp_path),
+        "real_relevance_prompts": 3,
+        "real_attribute_prompts": {"verbosity": 2},
+    }
     result = run(_config(models, synthetic_filtered, tmp_path, **extra))
     out = tmp_path / "eval"
-    rows = pq.read_table(out / "responses.parquet").to_pylist()
+    everything = pq.read_table(out / "responses.parquet").to_pylist()
+    rows = [r for r in everything if r["prompt_set"] == "synthetic"]
     assert len(rows) == 2 * (3 + 2) * 5  # models x (verbosity's 3 prompts + complexity's 2) x levels
     for row in rows:
         attributes = json.loads(row["attributes"])
@@ -90,12 +113,42 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
     figure = metrics["results"]["tuned"]["verbosity"][0]
     assert figure["prompts"] == 3 and -1 <= figure["within_prompt"] <= 1
     assert metrics["results"]["tuned"]["complexity"][0]["prompts"] == 2
-    assert sorted(p.name for p in out.glob("*.png")) == ["steer_complexity.png", "steer_verbosity.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "steer_complexity.png",
+        "steer_real_verbosity.png",
+        "steer_verbosity.png",
+    ]
     assert set(result["steerability"]["tuned"]["verbosity"]) == {"words", "apm_verbosity"}
+
+    # Real prompts: per model, verbosity's 2 prompts x 5 levels, plus 3 prompts at the defaults.
+    real = [r for r in everything if r["prompt_set"] == "real"]
+    assert len(real) == 2 * (2 * 5 + 3) and {r["prompt_id"] for r in real} == {0, 1, 2}
+    assert {r["attribute"] for r in real} == {"verbosity", None}
+    defaults = [r for r in real if r["attribute"] is None]
+    assert all(-1 <= r["relevance"] <= 1 and "apm_verbosity" in r for r in defaults)
+    relevance = result["relevance"]
+    for name in ("tuned", "baseline"):
+        summary = relevance[name]
+        assert summary["prompts"] == summary["answers"] == 3  # the default answers of prompts 0..2
+        assert -1 <= summary["mean_cosine"] <= 1 and summary["median_words"] >= 0
+        assert 0 <= summary["ended_on_own"] <= 3
+    # The baseline is the same tiny model, decoded greedily: the same answers, the same relevance.
+    assert relevance["tuned"]["mean_cosine"] == pytest.approx(relevance["baseline"]["mean_cosine"])
+    assert relevance.get("relevance_ratio", 1.0) == pytest.approx(1.0)
+    assert result["real_results"]["tuned"]["verbosity"][0]["prompts"] == 2
+    assert set(result["real_steerability"]["baseline"]["verbosity"]) == {"words", "apm_verbosity"}
+    assert "## Real-style prompts" in report and "| tuned | " in report.split("## Real-style prompts")[1]
+    assert "| prompt | tuned | baseline |" in report  # answers at the defaults, side by side
+    assert report.split("## Real-style prompts")[1].count("| verbosity | words |") == 1
+    first_real = parse_prompt_turns(real_prompts(extra["real_prompts"], 1)[0])[-1].text
+    assert f"| {first_real[:60].replace(chr(10), '<br>')}" in report
+    assert metrics["real_results"]["tuned"]["verbosity"][0]["prompts"] == 2
+    assert metrics["relevance"]["tuned"]["answers"] == 3
 
     tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"))
     [mlrun] = runs_for(tracking, "evaluate")
     assert "steer.tuned.verbosity.words" in mlrun.data.metrics
+    assert {"steer_real.tuned.verbosity.words", "relevance.baseline.mean_cosine"} <= set(mlrun.data.metrics)
     artifacts = {
         a.path for a in mlflow.MlflowClient(tracking.uri()).list_artifacts(mlrun.info.run_id, "evaluation")
     }
@@ -120,7 +173,7 @@ def test_generator_actor_samples_in_the_configured_cpu_dtype(models):
     import numpy as np
     import torch
 
-    from ray_jobs.evaluate import Generator
+    from ray_jobs.generation import Generator
 
     generator, _ = models
     setup = yaml.safe_load((generator / "sft_config.yaml").read_text())
@@ -149,4 +202,30 @@ def test_bad_input_fails_before_generation(models, synthetic_filtered, tmp_path)
         run(_config(models, synthetic_filtered, tmp_path, prompts=500))
     with pytest.raises(ValueError, match="attribute_prompts: coherence"):
         run(_config(models, synthetic_filtered, tmp_path, attribute_prompts={"coherence": 3}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is rain?"}\n{"prompt": ""}\n')
+    with pytest.raises(
+        ValueError, match=r"prompts.jsonl:2: field `prompt`: needs a non-empty `prompt` string"
+    ):
+        run(_config(models, synthetic_filtered, tmp_path, real_prompts=[str(prompts)]))
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        run(_config(models, synthetic_filtered, tmp_path, real_prompts=[str(tmp_path / "nowhere.txt")]))
+    prompts.write_text('{"prompt": "What is rain?"}\n{"turns": ["Name a river."]}\n')
+    with pytest.raises(ValueError, match="2 distinct prompts in .*prompts.jsonl \\(2\\), fewer than the 24"):
+        run(_config(models, synthetic_filtered, tmp_path, real_prompts=[str(prompts)]))
+    with pytest.raises(ValueError, match="real_attribute_prompts: coherence: 2; allowed: a swept attribute"):
+        run(
+            _config(
+                models,
+                synthetic_filtered,
+                tmp_path,
+                real_prompts=[str(prompts)],
+                real_relevance_prompts=2,
+                real_attribute_prompts={"coherence": 2},
+            )
+        )
+    with pytest.raises(
+        ValueError, match="real_attribute_prompts: set, but real_prompts names no prompt files"
+    ):
+        run(_config(models, synthetic_filtered, tmp_path, real_attribute_prompts={"verbosity": 2}))
     assert not (tmp_path / "eval").exists()

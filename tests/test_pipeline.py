@@ -38,6 +38,17 @@ def _overrides(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> list[st
         "evaluate.attribute_prompts={}",
         "evaluate.attributes=[verbosity, complexity]",
         "evaluate.max_new_tokens=8",
+        "evaluate.real_relevance_prompts=2",
+        "evaluate.real_attribute_prompts={verbosity: 2}",
+    ]
+
+
+def _synthetic_sft(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> list[str]:
+    """The tiny generator cannot write answers worth keeping: AC-SFT on the filter's rows."""
+    return [
+        *_overrides(runs, tiny_backbone, tiny_generator),
+        "answers=null",
+        "sft.attribute_source=prefer_human",
     ]
 
 
@@ -57,7 +68,7 @@ def _stage_runs(runs: Path) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def first_run(ray_head, tiny_backbone, tiny_generator, tmp_path_factory):
     runs = tmp_path_factory.mktemp("pipeline") / "runs"
-    overrides = _overrides(runs, tiny_backbone, tiny_generator)
+    overrides = _synthetic_sft(runs, tiny_backbone, tiny_generator)
     config = load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides)
     return runs, overrides, run(config)
 
@@ -111,3 +122,50 @@ def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
     fresh = runs.parent / "fresh"
     assert main(["--config", profile, "--from", "train_sft", *overrides, f"runs_dir={fresh}"]) == 2
     assert "the earlier stage filter has no complete output" in capsys.readouterr().err
+
+
+def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
+    ray_head, tiny_backbone, tmp_path_factory
+):
+    """The local profile as shipped (answers on): the packaged SmolLM2 writes answers, the APM
+    labels them, AC-SFT trains on them at the APM's quantile levels, and the evaluation reports
+    relevance on real-style prompts, tuned beside untuned."""
+    runs = tmp_path_factory.mktemp("answers") / "runs"
+    overrides = [
+        f"runs_dir={runs}",
+        "synthetic.rows=120",
+        f"apm.apm.backbone={tiny_backbone}",
+        "apm.max_steps=2",
+        "apm.eval_every=2",
+        "answers.questions=3",
+        "answers.styles=[one_sentence, brief]",
+        "answers.max_new_tokens=48",
+        "answers.batch_size=6",
+        "sft.micro_batch_size=1",
+        "sft.accumulation_steps=2",
+        "sft.max_steps=2",
+        "sft.checkpoint_every=2",
+        "evaluate.prompts=1",
+        "evaluate.attributes=[verbosity]",
+        "evaluate.max_new_tokens=8",
+        "evaluate.real_relevance_prompts=2",
+        "evaluate.real_attribute_prompts={verbosity: 1}",
+    ]
+    summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
+    answers = pq.read_table(runs / "answers" / "part-000000.parquet").to_pylist()
+    assert summary["generate_answers"]["kept"] == len(answers) >= 3
+    relabelled = [
+        r for f in sorted((runs / "relabelled").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    assert [r["response"] for r in relabelled] == [r["response"] for r in answers]
+    assert {"style", "apm_verbosity", "apm_complexity"} <= set(relabelled[0])
+    levels = json.loads((runs / "sft" / "attribute_levels.json").read_text())
+    assert len(levels["verbosity"]) == 4 and levels["verbosity"] == sorted(levels["verbosity"])
+    assert summary["train_sft"]["data"]["examples"] == len(answers)
+    relevance = summary["evaluate"]["relevance"]
+    assert set(relevance) >= {"tuned", "baseline", "relevance_ratio"}
+    assert -1 <= relevance["tuned"]["mean_cosine"] <= 1
+    assert "## Real-style prompts" in (runs / "eval" / "report.md").read_text()
+    assert _stage_runs(runs) == [
+        ["evaluate", "filter_data", "generate_answers", "relabel", "train_apm", "train_sft"]
+    ]

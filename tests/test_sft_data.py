@@ -41,6 +41,7 @@ from helpsteer_core.sft_data import (
     generation_prompt_ids,
     pack_examples,
     prepare_tokenizer_for_template,
+    quantile_levels,
     token_loss_sum,
     trained_mask,
     trained_token_count,
@@ -337,6 +338,28 @@ def test_attribute_source_per_attribute() -> None:
     }
     with pytest.raises(ValueError, match="outside the range"):
         choose_attributes({"helpfulness": 7})
+
+
+def test_apm_quantile_ranks_bunched_predictions_into_five_equal_levels() -> None:
+    # An APM that saw only synthetic text scores real answers between 1.9 and 4.3: rounding gives
+    # levels 2-4 only, ranking gives every level an equal share of the rows.
+    verbosity = [1.9, 2.0, 2.1, 2.7, 2.8, 2.9, 4.0, 4.05, 4.1, 4.15, 4.2, 4.25, 1.95, 2.75, 4.3]
+    rows = [{"apm_verbosity": v, "apm_complexity": 2.0 + i / 100} for i, v in enumerate(verbosity)]
+    rows.append({"apm_verbosity": float("nan"), "apm_complexity": None})  # missing: left out
+    levels = quantile_levels(rows)
+    assert set(levels) == {"verbosity", "complexity"} and len(levels["verbosity"]) == 4
+    chosen = [choose_attributes(r, source="apm_quantile", levels=levels) for r in rows]
+    assert chosen[-1] == {}
+    counts = [sum(c["verbosity"] == k for c in chosen[:-1]) for k in range(5)]
+    assert counts == [3, 3, 3, 3, 3]
+    # The order is kept: a higher prediction never gets a lower level.
+    by_value = sorted(zip(verbosity, (c["verbosity"] for c in chosen), strict=False))
+    assert [lv for _, lv in by_value] == sorted(lv for _, lv in by_value)
+    assert {round(v) for v in verbosity} == {2, 3, 4}
+    with pytest.raises(ValueError, match="needs the cut points"):
+        choose_attributes(rows[0], source="apm_quantile")
+    with pytest.raises(ValueError, match="no apm_<name> column"):
+        quantile_levels([{"verbosity": 2}])
 
 
 def test_examples_from_rows(tok: Any) -> None:

@@ -1,0 +1,133 @@
+"""Self-written training answers: SteerLM's bootstrapping shape for the embedded default.
+
+The untuned generator answers everyday questions several times each, once per *style*: an
+instruction added to the question that asks for a length or a register ("Answer in one short
+sentence.", "Explain it to a seven-year-old."). The APM then labels every answer (relabel stage)
+and AC-SFT learns to reproduce each answer from the *plain* question plus the APM's attributes, so
+the attributes, not the instruction, come to carry the style. The answers are the model's own, so
+fine-tuning on them teaches the knobs without replacing how it answers.
+
+The questions come from a bank the package ships (`helpsteer_core/data/questions.json`: forms x
+subjects), never from an evaluation prompt file. `ray_jobs.generate_answers` runs the generation
+on a Ray Data actor pool.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+# Style name -> the instruction appended to the question ("" asks nothing). Lengths and registers
+# spread verbosity and complexity; SmolLM2-135M-Instruct follows these (shared/DESIGN.md: "one
+# short sentence" median 20 words, no instruction 134, "several paragraphs" 164).
+STYLES: dict[str, str] = {
+    "one_sentence": "Answer in one short sentence.",
+    "brief": "Answer briefly, in two or three sentences.",
+    "plain": "",
+    "detailed": "Answer in detail, in several paragraphs.",  # mostly runs past 160-256 new tokens
+    "simple": "Explain it simply, as you would to a seven-year-old.",
+    "expert": "Answer as a specialist would, with precise technical terms.",
+}
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    """One answer to write: the question as trained on, and the text the generator is shown."""
+
+    prompt: str  # the plain question (the training prompt)
+    style: str
+    shown: str  # the question with the style's instruction, what the untuned generator answers
+
+
+def question_bank() -> list[str]:
+    """Every question of the shipped bank, in a fixed order, without duplicates."""
+    bank = json.loads(resources.files("helpsteer_core").joinpath("data/questions.json").read_text())
+    questions = [form.format(s=s) for s in bank["concepts"] for form in bank["concept_forms"]]
+    questions += [form.format(s=s) for s in bank["skills"] for form in bank["skill_forms"]]
+    questions += [form.format(s=s) for s in bank["writing_subjects"] for form in bank["writing_forms"]]
+    questions += [bank["comparison_form"].format(a=a, b=b) for a, b in bank["comparisons"]]
+    return list(dict.fromkeys(questions))
+
+
+def pick_questions(count: int, seed: int) -> list[str]:
+    """`count` distinct questions of the bank, a seeded sample (raises when the bank is smaller)."""
+    bank = question_bank()
+    if not 1 <= count <= len(bank):
+        raise ValueError(f"questions: {count}; allowed: 1 to {len(bank)} (the size of the question bank)")
+    return random.Random(seed).sample(bank, count)
+
+
+def answer_requests(questions: Sequence[str], styles: Sequence[str]) -> list[AnswerRequest]:
+    """One request per question and style, question-major."""
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or not styles:
+        raise ValueError(f"styles: {list(styles)}; allowed: a non-empty list of {', '.join(STYLES)}")
+    return [AnswerRequest(q, style, f"{q} {STYLES[style]}".strip()) for q in questions for style in styles]
+
+
+# An answer whose word 4-grams repeat this much is a loop ("a candle, a candle, ..."), not an answer.
+MAX_REPEATED_4GRAMS = 0.2
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def repeated_share(text: str, n: int = 4) -> float:
+    """The share of the text's word n-grams that repeat an earlier one (0 for fewer than n words)."""
+    words = text.lower().split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def cut_to_sentence(text: str) -> str:
+    """`text` up to the end of its last complete sentence ("" when none ends)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of one written answer: the text trained on, or the reason it is not."""
+
+    text: str
+    cut: bool  # the answer ran out of new tokens and was cut back to its last full sentence
+    reason: str | None  # None: kept
+
+
+def judge_answer(text: str, finished: bool, max_new_tokens: int) -> Verdict:
+    """Keep an answer, cut it back to a sentence end, or reject it with the reason.
+
+    An answer that did not end within `max_new_tokens` is cut after its last complete sentence
+    when that keeps at least half of it (training then ends it there with the end-of-turn
+    marker); otherwise it would teach an answer with no end. A loop or an empty answer teaches
+    nothing.
+    """
+    cut = False
+    if not finished:
+        kept = cut_to_sentence(text)
+        if len(kept) < len(text) / 2:
+            return Verdict(text, False, f"did not end within max_new_tokens={max_new_tokens}")
+        text, cut = kept, True
+    if not text.strip():
+        return Verdict(text, cut, "empty answer")
+    share = repeated_share(text)
+    if share > MAX_REPEATED_4GRAMS:
+        return Verdict(text, cut, f"repetitive: {share:.0%} of its word 4-grams repeat")
+    return Verdict(text, cut, None)
+
+
+def answer_row(request: AnswerRequest, verdict: Verdict, new_tokens: int, model: str) -> dict[str, Any]:
+    """The output row of one written answer (the relabel stage adds the APM's attributes)."""
+    return {
+        "prompt": request.prompt,
+        "response": verdict.text,
+        "style": request.style,
+        "instruction": STYLES[request.style],
+        "new_tokens": new_tokens,
+        "cut_at_sentence": verdict.cut,
+        "answered_by": model,
+        "source": "self-answers",
+    }
