@@ -9,7 +9,7 @@ SteerLM's bootstrapping shape for the embedded default (`helpsteer_core.answers`
 everyday questions from the shipped bank, each answered once per style (an instruction for a
 length or a register added to the question), on a Ray Data actor pool of `actors` generators.
 The relabel stage then gives every answer the APM's attributes, and AC-SFT trains on the plain
-question, those attributes and the answer. Kept answers go to `out/part-000000.parquet` (one
+question, those attributes and the answer. Kept answers go to `out/kept/part-000000.parquet` (one
 that ran out of `max_new_tokens` is cut back to its last full sentence, `cut_at_sentence`); an
 answer that is empty, a loop, or has no sentence end in its second half goes to
 `out/rejects/rejects.jsonl` with its reason, and `out/stats.json` reconciles: requested = kept +
@@ -40,6 +40,7 @@ from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.generate_answers")
+KEPT = "kept"  # out/kept/: the answers to relabel and train on (out/rejects/ is never read as data)
 
 
 class AnswersSettings(GenerationSettings):
@@ -83,6 +84,7 @@ def run(config: AnswersConfig) -> dict[str, Any]:
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "rejects").mkdir(parents=True)
+    (staging / KEPT).mkdir()
     style_order = {style: i for i, style in enumerate(STYLES)}
     with stage_run("generate_answers", resolved, config.tracking) as tracked:
         answers = generate_on_ray(
@@ -108,7 +110,12 @@ def run(config: AnswersConfig) -> dict[str, Any]:
                 kept.append(row)
             else:
                 rejects.append({**row, "reason": verdict.reason})
-        pq.write_table(pa.Table.from_pylist(kept), staging / "part-000000.parquet")
+        if not kept:
+            raise RuntimeError(
+                f"answers: none of {len(requests)} answers was kept ({_stats(requests, kept, rejects, 0)}); "
+                f"the reasons are in {staging / 'rejects' / 'rejects.jsonl'}"
+            )
+        pq.write_table(pa.Table.from_pylist(kept), staging / KEPT / "part-000000.parquet")
         (staging / "rejects" / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
         stats = _stats(requests, kept, rejects, time.perf_counter() - started)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -152,7 +159,7 @@ def _stats(
         "by_style": by_style,
         "new_tokens": tokens,
         "seconds": round(seconds, 1),
-        "new_tokens_per_second": round(tokens / seconds, 1),
+        "new_tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
     }
 
 

@@ -252,7 +252,7 @@ def _generate_answers(config: PipelineConfig, plan: _Plan, tracking: TrackingCon
 def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
     # The generator's own answers (or the filter's training split) get the APM's attributes, beside
     # any human ones, for AC-SFT.
-    data = plan.out("generate_answers") if plan.answers else plan.out("filter") / "train"
+    data = plan.out("generate_answers") / answers_stage.KEPT if plan.answers else plan.out("filter") / "train"
     stage_config = relabel_stage.RelabelConfig.model_validate(
         {
             **config.relabel.model_dump(),

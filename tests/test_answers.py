@@ -107,7 +107,7 @@ def test_the_stage_writes_kept_answers_and_rejects_that_reconcile(ray_head, tmp_
         tracking={"enabled": False},
     )
     stats = run(config)
-    rows = pq.read_table(out / "part-000000.parquet").to_pylist()
+    rows = pq.read_table(out / "kept" / "part-000000.parquet").to_pylist()
     rejects = [json.loads(line) for line in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
     assert stats["requested"] == 6 == len(rows) + len(rejects) and stats["reconciles"]
     assert stats["kept"] == len(rows) >= 3  # a real model answers most in one or two sentences

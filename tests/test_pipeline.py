@@ -152,7 +152,7 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "evaluate.real_attribute_prompts={verbosity: 1}",
     ]
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
-    answers = pq.read_table(runs / "answers" / "part-000000.parquet").to_pylist()
+    answers = pq.read_table(runs / "answers" / "kept" / "part-000000.parquet").to_pylist()
     assert summary["generate_answers"]["kept"] == len(answers) >= 3
     relabelled = [
         r for f in sorted((runs / "relabelled").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
