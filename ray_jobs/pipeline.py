@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from helpsteer_core.config import StrictModel, resolve_path
+from helpsteer_core.prompt_files import read_prompt_file
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
 from ray_jobs import evaluate as evaluate_stage
 from ray_jobs import filter_data
@@ -161,6 +162,9 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
         raise ValueError(
             f"--from {config.from_stage} comes after --until {config.until_stage}; order: {STAGES}"
         )
+    if last >= STAGES.index("evaluate"):
+        for name in config.evaluate.real_prompts:  # a missing prompt file fails now, not after training
+            read_prompt_file(resolve_path(name))
     tracking = TrackingConfig(runs_dir=str(runs), experiment=config.experiment)
     data = config.data or _synthetic_source(config, runs)
     plan = _Plan(config, runs, data)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpsteer_core.config import load_config
+from ray_jobs.pipeline import RECORDS as RECORDS_FOLDER
 from ray_jobs.pipeline import PipelineConfig, main, run
 from ray_jobs.tracking import TrackingConfig
 
@@ -169,3 +170,12 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert _stage_runs(runs) == [
         ["evaluate", "filter_data", "generate_answers", "relabel", "train_apm", "train_sft"]
     ]
+
+
+def test_a_missing_real_prompt_file_fails_before_any_stage_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    profile = str(REPO / "configs" / "local.yaml")
+    missing = tmp_path / "nope.jsonl"
+    assert main(["--config", profile, f"runs_dir={runs}", f"evaluate.real_prompts=[{missing}]"]) == 2
+    assert f"{missing}: no prompt file there" in capsys.readouterr().err
+    assert not (runs / RECORDS_FOLDER).exists()
