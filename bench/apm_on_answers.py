@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import STEERLM
+from helpsteer_core.readers import read_parquet_rows
 from helpsteer_core.steering import measure
 
 
@@ -29,9 +29,7 @@ def main() -> None:
     parser.add_argument("--answers", type=Path, default=Path("runs/answers"))
     parser.add_argument("--apm", type=Path, default=Path("runs/apm"))
     args = parser.parse_args()
-    rows = [
-        r for f in sorted((args.answers / "kept").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
-    ]
+    rows = read_parquet_rows(args.answers / "kept")
     rejects = args.answers / "rejects" / "rejects.jsonl"
     rows += [json.loads(line) for line in rejects.read_text().splitlines()] if rejects.is_file() else []
     model = AttributePredictionModel.from_pretrained(args.apm, STEERLM)
