@@ -434,17 +434,19 @@ def examples_from_rows(
     attribute_source: AttributeSource = "prefer_human",
     stats: SFTStats | None = None,
     levels: Mapping[str, Sequence[float]] | None = None,
+    fixed: Mapping[str, int] | None = None,
 ) -> list[dict[str, list[int]]]:
     """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
 
     A HelpSteer2 multi-turn prompt becomes its turns (earlier assistant turns unconditioned); the
     response is the final, trained turn, conditioned on `choose_attributes(row, schema, source)`.
     A row with no attribute value from that source is an error naming the row, not an
-    unconditioned example: it means the wrong source or unrelabelled data.
+    unconditioned example: it means the wrong source or unrelabelled data. `fixed` values replace
+    the source's for their attributes in every row (checked against the schema by the caller).
     """
     examples = []
     for index, row in enumerate(rows):
-        attributes = choose_attributes(row, schema, attribute_source, levels)
+        attributes = choose_attributes(row, schema, attribute_source, levels) | dict(fixed or {})
         if not attributes:
             raise ValueError(
                 f"row {index}: no attribute values from source {attribute_source!r} (columns "

@@ -104,6 +104,11 @@ class TrainSFTSettings(StrictModel):
     # apm_quantile: the APM's predictions ranked into equal-count levels over the training rows
     # (for data the APM was not trained on; the cut points are saved as attribute_levels.json).
     attribute_source: AttributeSource = "prefer_human"
+    # Attributes every training row is conditioned on at one value, whatever the source says: for
+    # attributes whose labels carry no signal on this data (an APM trained on synthetic text
+    # scoring real answers' helpfulness), e.g. {helpfulness: 4, correctness: 4, coherence: 4}.
+    # Noise labels make the attribute line a per-row key to memorise instead of a knob to learn.
+    fixed_attributes: dict[str, int] = {}
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # Train only the top N decoder layers and the final norm (null: every parameter). Backward
     # stops at the lowest trained layer, so a step costs less; on the local profile the top 15 of
@@ -135,6 +140,8 @@ class TrainSFTSettings(StrictModel):
 
     def model_post_init(self, _: Any) -> None:
         self.deepspeed.check_device(self.use_gpu)
+        for name, value in self.fixed_attributes.items():
+            SCHEMA.check_value(name, value)
 
 
 class TrainSFTConfig(TrainSFTSettings):
@@ -165,7 +172,14 @@ def build_examples(
     """The token ids and labels of every row in `folder` (packed when `examples.pack` is set)."""
     rows = read_parquet_rows(Path(folder))
     examples = examples_from_rows(
-        rows, tokenizer, config.examples, SCHEMA, config.attribute_source, stats, levels
+        rows,
+        tokenizer,
+        config.examples,
+        SCHEMA,
+        config.attribute_source,
+        stats,
+        levels,
+        config.fixed_attributes,
     )
     if config.examples.pack:
         examples = pack_examples(examples, config.examples.max_length)

@@ -362,6 +362,22 @@ def test_apm_quantile_ranks_bunched_predictions_into_five_equal_levels() -> None
         quantile_levels([{"verbosity": 2}])
 
 
+def test_fixed_attributes_replace_the_sources_values_in_every_row(tok: Any) -> None:
+    rows = [
+        {"prompt": "Hi", "response": "Hello.", "apm_helpfulness": h, "apm_verbosity": v}
+        for h, v in ((0.3, 1.0), (3.9, 4.0), (2.0, 2.5))
+    ]
+    levels = quantile_levels(rows)
+    config = SFTDataConfig(max_length=64)
+    fixed = examples_from_rows(
+        rows, tok, config, attribute_source="apm_quantile", levels=levels, fixed={"helpfulness": 4}
+    )
+    free = examples_from_rows(rows, tok, config, attribute_source="apm_quantile", levels=levels)
+    texts = [tok.decode(e["input_ids"]) for e in fixed]
+    assert all("helpfulness:4" in t for t in texts)
+    assert [tok.decode(e["input_ids"]) for e in free] != texts
+
+
 def test_examples_from_rows(tok: Any) -> None:
     rows = [
         {
