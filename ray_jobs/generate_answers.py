@@ -121,6 +121,9 @@ def run(config: AnswersConfig) -> dict[str, Any]:
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (staging / "config.yaml").write_text(dump_config(resolved))
         if out.exists():
+            # Only a folder this stage wrote is replaced: never a user's folder given as `out`.
+            if not (out / "stats.json").is_file() or not (out / KEPT).is_dir():
+                raise FileExistsError(f"{out} exists and is not an answers folder; give another `out`")
             shutil.rmtree(out)
         staging.rename(out)
         tracked.log_metrics({k: v for k, v in stats.items() if not isinstance(v, dict)})
