@@ -82,10 +82,36 @@ def repeated_share(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+# A full stop that ends no sentence: a list marker ("2. "), an abbreviation ("e.g. ", "Dr. ").
+_NOT_AN_END = re.compile(r"(?:^|\s)(?:\d+|[A-Za-z]|e\.g|i\.e|etc|vs|Dr|Mr|Mrs|Ms|St|No)\.$", re.IGNORECASE)
+
+
+def sentence_ends(text: str) -> list[int]:
+    """The offsets just after each complete sentence of `text`: a `.`, `!` or `?` (with any closing
+    quote or bracket) before whitespace or the end, except after a list number or an abbreviation."""
+    return [
+        m.end()
+        for m in _SENTENCE_END.finditer(text)
+        if m.group().startswith(("!", "?")) or not _NOT_AN_END.search(text[max(0, m.start() - 6) : m.start() + 1])
+    ]
+
+
 def cut_to_sentence(text: str) -> str:
     """`text` up to the end of its last complete sentence ("" when none ends)."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    ends = sentence_ends(text)
     return text[: ends[-1]].rstrip() if ends else ""
+
+
+def first_sentences(text: str, count: int) -> str | None:
+    """The first `count` sentences of `text`, or None when it has no more than `count` (nothing to cut).
+
+    A shorter version of an answer keeps its opening, which is where a model states the answer;
+    training on it ends the turn there, so the attributes learn where to stop.
+    """
+    ends = sentence_ends(text)
+    if len(ends) <= count or not text[ends[count - 1] :].strip():
+        return None
+    return text[: ends[count - 1]].rstrip()
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,23 @@ def answer_row(request: AnswerRequest, verdict: Verdict, new_tokens: int, model:
         "instruction": STYLES[request.style],
         "new_tokens": new_tokens,
         "cut_at_sentence": verdict.cut,
+        "first_sentences": None,  # None: the whole answer; N: a shorter version (`shorter_rows`)
         "answered_by": model,
         "source": "self-answers",
     }
+
+
+def shorter_rows(rows: Sequence[dict[str, Any]], counts: Sequence[int]) -> list[dict[str, Any]]:
+    """For each kept answer and each N of `counts`, a version cut to its first N sentences when it
+    has more than N (`first_sentences`); each records its N in `first_sentences`.
+
+    The versions of one answer differ only in where the turn ends, so their verbosity labels are
+    ordered by length with the content fixed: what AC-SFT needs to learn where to stop.
+    """
+    versions = []
+    for row in rows:
+        for count in sorted(set(counts)):
+            text = first_sentences(row["response"], count)
+            if text is not None:
+                versions.append({**row, "response": text, "first_sentences": count})
+    return versions

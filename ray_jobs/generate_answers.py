@@ -13,7 +13,9 @@ question, those attributes and the answer. Kept answers go to `out/kept/part-000
 that ran out of `max_new_tokens` is cut back to its last full sentence, `cut_at_sentence`); an
 answer that is empty, a loop, or has no sentence end in its second half goes to
 `out/rejects/rejects.jsonl` with its reason, and `out/stats.json` reconciles: requested = kept +
-rejected, per style too.
+rejected, per style too. With `shorter: [N, ...]`, kept/ also holds each kept answer cut to its
+first N sentences (where it has more), marked by `first_sentences` and counted as
+`shorter_versions`: rows = kept + shorter_versions.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from helpsteer_core.answers import STYLES, answer_requests, answer_row, judge_answer, pick_questions
+from helpsteer_core.answers import (
+    STYLES,
+    answer_requests,
+    answer_row,
+    judge_answer,
+    pick_questions,
+    shorter_rows,
+)
 from helpsteer_core.config import dump_config, resolve_path
 from helpsteer_core.generator import SMOLLM2, resolve_generator
 from helpsteer_core.sft_data import SFTDataConfig
@@ -54,6 +63,9 @@ class AnswersSettings(GenerationSettings):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.1, ge=1.0)
+    # Each kept answer with more than N sentences also yields a version cut to its first N, for
+    # each N here: lengths spread with the content fixed (helpsteer_core.answers.shorter_rows).
+    shorter: list[Annotated[int, Field(ge=1)]] = []
 
 
 class AnswersConfig(AnswersSettings):
@@ -115,9 +127,10 @@ def run(config: AnswersConfig) -> dict[str, Any]:
                 f"answers: none of {len(requests)} answers was kept ({_stats(requests, kept, rejects, 0)}); "
                 f"the reasons are in {staging / 'rejects' / 'rejects.jsonl'}"
             )
-        pq.write_table(pa.Table.from_pylist(kept), staging / KEPT / "part-000000.parquet")
+        shorter = shorter_rows(kept, config.shorter)
+        pq.write_table(pa.Table.from_pylist(kept + shorter), staging / KEPT / "part-000000.parquet")
         (staging / "rejects" / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
-        stats = _stats(requests, kept, rejects, time.perf_counter() - started)
+        stats = _stats(requests, kept, rejects, time.perf_counter() - started, shorter)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (staging / "config.yaml").write_text(dump_config(resolved))
         if out.exists():
@@ -140,7 +153,11 @@ def run(config: AnswersConfig) -> dict[str, Any]:
 
 
 def _stats(
-    requests: Sequence[Any], kept: list[dict[str, Any]], rejects: list[dict[str, Any]], seconds: float
+    requests: Sequence[Any],
+    kept: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    seconds: float,
+    shorter: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     tokens = sum(r["new_tokens"] for r in kept + rejects)
     by_style = {
@@ -149,6 +166,7 @@ def _stats(
             "kept": sum(r["style"] == style for r in kept),
             "rejected": sum(r["style"] == style for r in rejects),
             "median_words": _median([len(r["response"].split()) for r in kept if r["style"] == style]),
+            "shorter_versions": sum(r["style"] == style for r in shorter),
         }
         for style in dict.fromkeys(r.style for r in requests)
     }
@@ -157,6 +175,9 @@ def _stats(
         "kept": len(kept),
         "rejected": len(rejects),
         "reconciles": len(requests) == len(kept) + len(rejects),
+        # Rows in kept/: every kept answer plus its shorter versions (first_sentences = N).
+        "shorter_versions": len(shorter),
+        "rows": len(kept) + len(shorter),
         "reject_reasons": dict(Counter(r["reason"].split(":")[0] for r in rejects)),
         "cut_at_sentence": sum(r["cut_at_sentence"] for r in kept),
         "by_style": by_style,

@@ -335,8 +335,8 @@ def _result(stage: str, result: dict[str, Any]) -> str:
         return f"validation Pearson: {pearson}; RMSE beats the mean on {beats}/{len(attributes)}"
     if stage == "generate_answers":
         return (
-            f"{result['requested']} answers: kept {result['kept']}, rejected {result['rejected']}; "
-            f"{result['new_tokens_per_second']} new tokens/s"
+            f"{result['requested']} answers: kept {result['kept']}, rejected {result['rejected']}, "
+            f"+{result.get('shorter_versions', 0)} shorter versions; {result['new_tokens_per_second']} new tokens/s"
         )
     if stage == "relabel":
         return f"{result['output_rows']} rows, {result['rows_per_second']} rows/s"

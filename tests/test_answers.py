@@ -13,10 +13,13 @@ from helpsteer_core.answers import (
     STYLES,
     answer_requests,
     cut_to_sentence,
+    first_sentences,
     judge_answer,
     pick_questions,
     question_bank,
     repeated_share,
+    sentence_ends,
+    shorter_rows,
 )
 from helpsteer_core.prompt_files import read_prompt_file
 
@@ -88,6 +91,35 @@ def test_repetition_and_sentence_helpers():
     assert repeated_share("a b c d a b c d a b c d") == pytest.approx(1 - 4 / 9)
     assert cut_to_sentence('He said "go." Then he') == 'He said "go."'
     assert cut_to_sentence("no end here") == ""
+    # A list number or an abbreviation ends no sentence, so nothing is cut to "Steps:\n1."
+    assert cut_to_sentence("Steps:\n1. Mix the flour") == ""
+    text = "Mix it, e.g. by hand. Then wait!\n\n1. Knead.\n2. Bake? Yes."
+    assert [text[:end] for end in sentence_ends(text)] == [
+        "Mix it, e.g. by hand.",
+        "Mix it, e.g. by hand. Then wait!",
+        "Mix it, e.g. by hand. Then wait!\n\n1. Knead.",
+        "Mix it, e.g. by hand. Then wait!\n\n1. Knead.\n2. Bake?",
+        text,
+    ]
+
+
+def test_shorter_versions_keep_the_opening_sentences_and_say_how_many():
+    answer = "A comet is an icy body. It orbits the Sun. Its tail points away from the Sun."
+    assert first_sentences(answer, 1) == "A comet is an icy body."
+    assert first_sentences(answer, 2) == "A comet is an icy body. It orbits the Sun."
+    assert first_sentences(answer, 3) is None and first_sentences(answer, 5) is None  # nothing to cut
+    assert first_sentences("One sentence. ", 1) is None  # trailing space is not a second sentence
+    rows = [
+        {"prompt": "What is a comet?", "response": answer, "style": "plain", "first_sentences": None},
+        {"prompt": "Why?", "response": "Because.", "style": "brief", "first_sentences": None},
+    ]
+    versions = shorter_rows(rows, [4, 2, 1, 2])
+    assert [(v["first_sentences"], v["response"]) for v in versions] == [
+        (1, "A comet is an icy body."),
+        (2, "A comet is an icy body. It orbits the Sun."),
+    ]
+    assert all(v["prompt"] == "What is a comet?" and v["style"] == "plain" for v in versions)
+    assert rows[0]["response"] == answer and rows[0]["first_sentences"] is None  # the whole answer stays
 
 
 @pytest.mark.slow
@@ -102,15 +134,25 @@ def test_the_stage_writes_kept_answers_and_rejects_that_reconcile(ray_head, tmp_
         questions=3,
         styles=["one_sentence", "brief"],
         max_new_tokens=48,
+        shorter=[1],
         batch_size=6,
         cpu_dtype="bfloat16",
         tracking={"enabled": False},
     )
     stats = run(config)
-    rows = pq.read_table(out / "kept" / "part-000000.parquet").to_pylist()
+    written = pq.read_table(out / "kept" / "part-000000.parquet").to_pylist()
+    rows = [r for r in written if r["first_sentences"] is None]
+    versions = [r for r in written if r["first_sentences"] is not None]
     rejects = [json.loads(line) for line in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
     assert stats["requested"] == 6 == len(rows) + len(rejects) and stats["reconciles"]
     assert stats["kept"] == len(rows) >= 3  # a real model answers most in one or two sentences
+    # Shorter versions: the first sentence of each kept answer that has more than one.
+    assert stats["shorter_versions"] == len(versions) and stats["rows"] == len(written)
+    whole = {(r["prompt"], r["style"]): r["response"] for r in rows}
+    for version in versions:
+        assert version["first_sentences"] == 1
+        assert whole[version["prompt"], version["style"]].startswith(version["response"])
+        assert len(version["response"]) < len(whole[version["prompt"], version["style"]])
     questions = set(pick_questions(3, seed=0))
     assert {r["prompt"] for r in rows + rejects} == questions
     assert all(r["response"] and r["style"] in ("one_sentence", "brief") for r in rows)

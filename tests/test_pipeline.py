@@ -154,7 +154,9 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     ]
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
     answers = pq.read_table(runs / "answers" / "kept" / "part-000000.parquet").to_pylist()
-    assert summary["generate_answers"]["kept"] == len(answers) >= 3
+    # kept/ holds every kept answer plus its shorter versions (the profile's `shorter: [1, 2, 4]`).
+    assert summary["generate_answers"]["rows"] == len(answers) >= 3
+    assert summary["generate_answers"]["kept"] == sum(r["first_sentences"] is None for r in answers)
     relabelled = [
         r for f in sorted((runs / "relabelled").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
     ]
