@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from helpsteer_core.config import dump_config, resolve_path
 from helpsteer_core.conversation import parse_prompt_turns
 from helpsteer_core.generator import read_training_setup
 from helpsteer_core.model_sources import MINILM, resolve_model_path
+from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
 from helpsteer_core.readers import read_parquet_rows
 from helpsteer_core.relevance import describe as describe_relevance
@@ -184,6 +184,7 @@ def _plot(
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
     generator, data, out = resolve_path(config.generator), resolve_path(config.data), resolve_path(config.out)
+    staging = prepare_output(out, "evaluate")  # a folder this stage did not write is refused now
     apm = resolve_path(config.apm) if config.apm else None
     setup = read_training_setup(generator)
     if config.mt_bench:
@@ -237,8 +238,6 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     )
     ensure_ray()
     quiet_ray_data()
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     with stage_run("evaluate", resolved, config.tracking, SCHEMA) as tracked:
         records: list[dict[str, Any]] = []
@@ -306,9 +305,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             plots += _plot(real_results, staging, "steer_real", " on real prompts")
         if config.mt_bench:
             _mt_bench(config, models, examples, staging / "mt_bench", defaults)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, "evaluate")
         summary, real_summary = _summary(results), _summary(real_results)
         tracked.log_metrics(
             {"steer": summary, "steer_real": real_summary, "relevance": relevance, "seconds": timing}

@@ -11,13 +11,14 @@ Writes, under `out`:
     rejects/              unusable rows (JSON Lines): input_file, input_line, field, reason, raw
     stats.json            counts per file and in total: input rows = kept + filtered + rejected
     config.yaml, attribute_schema.json
+    .helpsteer-output.json  marks the folder as this stage's output: only such a folder is
+                          replaced, and only once the new output is complete (helpsteer_core.outputs)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -41,11 +42,13 @@ from helpsteer_core.filters import (
     find_duplicates,
 )
 from helpsteer_core.model_sources import count_tokens, load_tokenizer
+from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.readers import HF_PREFIX, Shard, iter_raw_rows, resolve_source
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.filter_data")
+STAGE = "filter"  # the name in every output's marker file
 SCHEMA = STEERLM
 SPLITS = ("train", "validation")
 OUTPUT_FOLDERS = (*SPLITS, "filtered", "rejects")
@@ -159,11 +162,12 @@ def compute_stats(summary: list[dict[str, Any]], shards: list[Shard]) -> dict[st
 def run(config: FilterStageConfig) -> dict[str, Any]:
     """Run the stage; returns the stats written to `out/stats.json`."""
     started = time.perf_counter()
+    out = resolve_path(config.out)
+    staging = prepare_output(out, STAGE)  # a folder this stage did not write is refused now
     local = resolve_path(config.data)
     # Hub ids and hf: sources are not paths; a local path is made absolute for Ray's workers.
     source = str(local) if not config.data.startswith(HF_PREFIX) and local.exists() else config.data
     shards = resolve_source(source, config.hf_split)  # fails fast, naming the path
-    out = resolve_path(config.out)
     log.info("filter: %d shard(s) from %s -> %s", len(shards), source, out)
     ensure_ray()
     quiet_ray_data()
@@ -197,8 +201,6 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         attributes = [a for a in SCHEMA.names if any(r[a] is not None for r in valid)]
         extra_keys = _merge_keys(sorted({r["extra_keys"] for r in valid}))
 
-        staging = out.parent / f".{out.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
         for name in OUTPUT_FOLDERS:
             (staging / name).mkdir(parents=True)
         for split_name in SPLITS:
@@ -233,7 +235,7 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         (staging / "config.yaml").write_text(dump_config(config))
         SCHEMA.save(staging)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        _publish(staging, out)
+        publish(staging, out, STAGE)
         tracked.log_metrics(stats["total"])
         tracked.log_metrics({"rows_per_second": stats["rows_per_second"]})
         tracked.log_outputs({"stats.json": out / "stats.json", "rejects": out / "rejects", "out": out})
@@ -270,13 +272,6 @@ def _write_rejects(rejects: ray.data.Dataset, path: Path) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for row in rejects.iter_rows():
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the finished output into place; a failed run never leaves a half-written `out`."""
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
@@ -43,6 +42,7 @@ from helpsteer_core.answers import (
 )
 from helpsteer_core.config import dump_config, resolve_path
 from helpsteer_core.generator import SMOLLM2, resolve_generator
+from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.sft_data import SFTDataConfig
 from ray_jobs.generation import GenerationSettings, generate_on_ray
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
@@ -80,6 +80,7 @@ class AnswersConfig(AnswersSettings):
 def run(config: AnswersConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out = resolve_path(config.out)
+    staging = prepare_output(out, "generate_answers")  # a folder this stage did not write is refused now
     requests = answer_requests(pick_questions(config.questions, config.seed), config.styles)
     model = resolve_generator(config.generator)
     resolved = config.model_copy(update={"out": str(out)})
@@ -93,8 +94,6 @@ def run(config: AnswersConfig) -> dict[str, Any]:
     )
     ensure_ray()
     quiet_ray_data()
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     (staging / "rejects").mkdir(parents=True)
     (staging / KEPT).mkdir()
     style_order = {style: i for i, style in enumerate(STYLES)}
@@ -133,12 +132,7 @@ def run(config: AnswersConfig) -> dict[str, Any]:
         stats = _stats(requests, kept, rejects, time.perf_counter() - started, shorter)
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (staging / "config.yaml").write_text(dump_config(resolved))
-        if out.exists():
-            # Only a folder this stage wrote is replaced: never a user's folder given as `out`.
-            if not (out / "stats.json").is_file() or not (out / KEPT).is_dir():
-                raise FileExistsError(f"{out} exists and is not an answers folder; give another `out`")
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, "generate_answers")
         tracked.log_metrics({k: v for k, v in stats.items() if not isinstance(v, dict)})
         tracked.log_outputs({"stats.json": out / "stats.json", "out": out})
     log.info(

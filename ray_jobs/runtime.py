@@ -18,11 +18,13 @@ import ray
 from pydantic import BaseModel
 
 from helpsteer_core.config import ConfigError, load_config
+from helpsteer_core.outputs import OutputError
 from helpsteer_core.readers import SourceError
 
 log = logging.getLogger(__name__)
-# Errors in what the user gave (config, paths, data): one line and exit status 2.
-STAGE_ERRORS = (ConfigError, SourceError, ValueError, FileNotFoundError)
+# Errors in what the user gave (config, paths, data, an `out` that is not the stage's): one line
+# and exit status 2. Anything else, a plain ValueError included, is a bug and keeps its traceback.
+STAGE_ERRORS = (ConfigError, SourceError, OutputError, ValueError, FileNotFoundError)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -51,6 +51,7 @@ from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
 from helpsteer_core.model_sources import resolve_model_path
+from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
@@ -360,6 +361,7 @@ def _evaluate(
 
 def run(config: TrainAPMConfig) -> dict[str, Any]:
     data, out = resolve_path(config.data), resolve_path(config.out)
+    staging = prepare_output(out, "train_apm")  # a folder this stage did not write is refused now
     for split in ("train", "validation"):
         parquet_files(data / split, "the filter stage")  # fail before Ray starts if the data is missing
     storage = resolve_path(config.storage)
@@ -377,8 +379,6 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
             storage,
             "APM training",
         )
-        staging = out.parent / f".{out.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:
             if (Path(folder) / MODEL_FOLDER).is_dir():  # DeepSpeed: the consolidated export
                 shutil.copytree(Path(folder) / MODEL_FOLDER, staging)
@@ -397,9 +397,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
             staging / "evaluation",
             str(data / "validation"),
         )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, "train_apm")
         summary = {
             name: {k: m[k] for k in ("pearson", "rmse", "baseline_rmse", "qwk")}
             for name, m in report["attributes"].items()

@@ -55,6 +55,7 @@ from helpsteer_core.generator import (
     resolve_generator,
     train_top_layers,
 )
+from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
@@ -398,6 +399,7 @@ def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Pa
 
 def run(config: TrainSFTConfig) -> dict[str, Any]:
     data, out, storage = resolve_path(config.data), resolve_path(config.out), resolve_path(config.storage)
+    staging = prepare_output(out, "train_sft")  # a folder this stage did not write is refused now
     validation = resolve_path(config.validation) if config.validation else None
     parquet_files(data, "the relabel or filter stage")  # fail before Ray starts if the data is missing
     if validation is not None:
@@ -444,8 +446,6 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
             storage,
             "SFT",
         )
-        staging = out.parent / f".{out.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
         with result.checkpoint.as_directory() as folder:
             exported = Path(folder) / MODEL_FOLDER
             if not exported.is_dir():
@@ -454,9 +454,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
         (staging / "data_stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
         if levels is not None:
             (staging / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        publish(staging, out, "train_sft")
         final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         tracked.log_outputs({"model": out})
         tracked.register_folder(REGISTERED_NAME, out, "HelpSteer attribute-conditioned generator", SCHEMA.id)
