@@ -51,10 +51,11 @@ from helpsteer_core.attributes import (
     load_and_check_schema,
     load_schema,
 )
-from helpsteer_core.config import StrictModel
+from helpsteer_core.config import ConfigError, StrictModel
 from helpsteer_core.conversation import TURN_TOKEN, conversation_from_row, render_conversation
 from helpsteer_core.metrics import round_clip
 from helpsteer_core.model_sources import MINILM, resolve_model_path
+from helpsteer_core.readers import SourceError
 
 APM_CONFIG_FILE = "apm_config.json"
 HEAD_FILE = "head.safetensors"
@@ -222,7 +223,7 @@ class AttributePredictionModel(nn.Module):
         try:
             config = APMConfig.model_validate_json(config_path.read_text())
         except ValueError as exc:
-            raise ValueError(f"{config_path}: not a valid APM config: {exc}") from None
+            raise SourceError(f"{config_path}: not a valid APM config: {exc}") from None
         backbone = AutoModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
         model = cls(backbone, schema, config, tokenizer=load_apm_tokenizer(str(folder)))
         head_path = folder / HEAD_FILE
@@ -232,7 +233,7 @@ class AttributePredictionModel(nn.Module):
         expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in head.items()}
         if found != expected:
-            raise ValueError(
+            raise SourceError(
                 f"{head_path}: head tensors {found} do not fit this backbone and schema; expected {expected}"
             )
         model.head.load_state_dict(head)
@@ -249,7 +250,7 @@ def load_apm_tokenizer(source: str | Path) -> Any:
 def _check_max_length(config: APMConfig, backbone_config: Any, where: str) -> None:
     positions = getattr(backbone_config, "max_position_embeddings", None)
     if positions is not None and config.max_length > int(positions):
-        raise ValueError(
+        raise ConfigError(
             f"max_length {config.max_length} exceeds the {int(positions)} positions of backbone {where}; "
             f"allowed: max_length <= {int(positions)}"
         )
@@ -428,7 +429,7 @@ def targets_from_rows(
             try:
                 targets[i, j] = schema.check_value(name, value)
             except ValueError as exc:
-                raise ValueError(f"row {i}: {exc}") from None
+                raise SourceError(f"row {i}: {exc}") from None
             mask[i, j] = 1.0
     return targets, mask
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpsteer_core.readers import SourceError
+
 SCHEMA_FILE = "attribute_schema.json"
 
 # NeMo-Aligner's order: the OpenAssistant four, then the HelpSteer five.
@@ -128,7 +130,7 @@ class AttributeSchema:
                 high=int(bounds[1]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ValueError(
+            raise SourceError(
                 f"{where}: not an attribute schema ({exc}); expected keys name, version, attributes, range"
             ) from exc
 
@@ -141,7 +143,7 @@ class AttributeSchema:
     def check_compatible(self, other: AttributeSchema, where: str) -> None:
         """Raise unless `other` (read from `where`) is this schema."""
         if other != self:
-            raise ValueError(
+            raise SourceError(
                 f"{where}: attribute schema {other.id} {list(other.names)} range "
                 f"{other.low}..{other.high} does not match the expected {self.id} "
                 f"{list(self.names)} range {self.low}..{self.high}"

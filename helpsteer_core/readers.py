@@ -4,7 +4,8 @@ A source string is one of
   - a `.jsonl`, `.jsonl.gz` or `.parquet` file;
   - a folder: every such file below it, in sorted order, or a `save_to_disk` dataset folder;
   - `hf:ID` or a bare `owner/name` that is not a local path: `datasets.load_dataset(ID)`, which
-    also takes a local folder laid out like a Hub dataset repo (`hf:/data/HelpSteer2`).
+    also takes a local folder laid out like a Hub dataset repo (`hf:/data/HelpSteer2`). A bare
+    `owner/name` whose `owner` is a local folder is a mistyped path (`data/synht`), never a Hub id.
 
 `resolve_source` runs on the driver, fails fast with the path when nothing can be read, and
 splits the source into shards; `iter_raw_rows` reads one shard anywhere (a Ray task, a test).
@@ -93,7 +94,7 @@ def resolve_source(source: str, split: str = "train") -> list[Shard]:
             _check_readable(file, kind)
             shards.append(Shard(kind, str(file.resolve()), order))
         return shards
-    if _HUB_ID.match(source) and not source.lower().endswith(FILE_SUFFIXES):
+    if _HUB_ID.match(source) and not source.lower().endswith(FILE_SUFFIXES) and not path.parent.exists():
         return _hf_shards(source, split)
     raise SourceError(
         f"data source not found: {source} (resolved to {path.resolve()}); give a "
@@ -277,6 +278,13 @@ def read_unit(unit: Unit) -> pa.Table:
             loader(shard.path, shard.split).select(range(unit.start, unit.stop)).with_format("arrow")[:]
         )
         return table
+    return rows_table([row for _, row in read_unit_rows(unit)])
+
+
+def read_unit_rows(unit: Unit) -> list[tuple[int, dict[str, Any]]]:
+    """A JSON Lines unit's rows as parsed, each with its line number: what a caller checks
+    before the columns are typed (a prompt that is 5 in one row and text in the next has no type)."""
+    shard = unit.shard
     rows = []
     for index, raw in enumerate(iter_raw_rows(shard)):
         if index < unit.start:
@@ -286,12 +294,22 @@ def read_unit(unit: Unit) -> pa.Table:
         if raw["read_error"]:
             raise SourceError(f"{shard.path}:{raw['input_line']}: {raw['read_error']}")
         try:
-            rows.append(json.loads(raw["raw"]))
+            row = json.loads(raw["raw"])
         except json.JSONDecodeError as exc:
             raise SourceError(
                 f"{shard.path}:{raw['input_line']}: not valid JSON ({exc.msg}); run the filter stage first"
             ) from None
-    # Every key of every row becomes a column (from_pylist would take the first row's keys only).
+        if not isinstance(row, dict):
+            raise SourceError(
+                f"{shard.path}:{raw['input_line']}: expected a JSON object; run the filter stage first"
+            )
+        rows.append((int(raw["input_line"]), row))
+    return rows
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a table; every key of every row becomes a column (from_pylist would take the
+    first row's keys only)."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return pa.table({key: [row.get(key) for row in rows] for key in keys})
 

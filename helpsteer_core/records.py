@@ -49,10 +49,9 @@ def _preview(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def validate_row(row: Mapping[str, Any], schema: AttributeSchema = STEERLM) -> Record:
-    """Check one parsed row; raise `RowError` on the first problem found."""
-    if not isinstance(row, Mapping):
-        raise RowError("row", f"expected a JSON object, found {type(row).__name__}")
+def check_texts(row: Mapping[str, Any]) -> dict[str, str]:
+    """The row's prompt and response, checked (non-empty strings, a well-formed multi-turn
+    prompt); raise `RowError` naming the field otherwise (the filter stage and relabel)."""
     texts: dict[str, str] = {}
     for name in TEXT_FIELDS:
         if name not in row or row[name] is None:
@@ -69,6 +68,14 @@ def validate_row(row: Mapping[str, Any], schema: AttributeSchema = STEERLM) -> R
         parse_prompt_turns(texts["prompt"])
     except ConversationFormatError as exc:
         raise RowError("prompt", f"multi-turn format: {exc}") from None
+    return texts
+
+
+def validate_row(row: Mapping[str, Any], schema: AttributeSchema = STEERLM) -> Record:
+    """Check one parsed row; raise `RowError` on the first problem found."""
+    if not isinstance(row, Mapping):
+        raise RowError("row", f"expected a JSON object, found {type(row).__name__}")
+    texts = check_texts(row)
     attributes: dict[str, int | None] = {}
     for name in schema.names:
         value = row.get(name)

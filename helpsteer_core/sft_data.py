@@ -64,7 +64,7 @@ from pydantic import Field
 from torch import Tensor
 
 from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes
-from helpsteer_core.config import StrictModel
+from helpsteer_core.config import ConfigError, StrictModel
 from helpsteer_core.conversation import (
     SPECIAL_TOKENS,
     TURN_TOKEN,
@@ -75,6 +75,7 @@ from helpsteer_core.conversation import (
     conversation_from_row,
     render_segments,
 )
+from helpsteer_core.readers import SourceError
 
 IGNORE_INDEX = -100
 CHAT_ATTRIBUTE_PREFIX = "Attributes: "
@@ -131,7 +132,7 @@ def prepare_tokenizer_for_template(
         _check_chat_tokenizer(tokenizer)
         return []
     if template != "nemo":
-        raise ValueError(f"template {template!r}; allowed: nemo, chat")
+        raise ConfigError(f"template {template!r}; allowed: nemo, chat")
     vocab = tokenizer.get_vocab()
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
     if missing:
@@ -165,7 +166,7 @@ def _check_nemo_tokenizer(tokenizer: Any) -> None:
     for token in SPECIAL_TOKENS:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the nemo template needs {token} as one special token, the tokenizer splits it into "
                 f"{len(ids)}; call prepare_tokenizer_for_template(tokenizer, model) first"
             )
@@ -173,11 +174,11 @@ def _check_nemo_tokenizer(tokenizer: Any) -> None:
 
 def _check_chat_tokenizer(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "template 'chat' needs a tokenizer with a chat template; this one has none (use 'nemo')"
         )
     if tokenizer.eos_token is None:
-        raise ValueError(
+        raise ConfigError(
             "template 'chat' needs the tokenizer's eos token as the end-of-turn marker; it has none"
         )
 
@@ -215,7 +216,7 @@ def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSc
     for i, message in enumerate(messages):
         text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not text.startswith(done):
-            raise ValueError(
+            raise ConfigError(
                 "template 'chat': the chat template renders a conversation prefix differently from the "
                 f"whole conversation (message {i + 1}); it cannot be tokenized piece by piece, use 'nemo'"
             )
@@ -228,7 +229,7 @@ def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSc
         start = span.find(content + eos)
         end = start + len(content)
         if start < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"template 'chat': assistant message {i + 1} is not followed by the eos {eos!r} in the "
                 "rendered chat template, so the end-of-turn marker cannot be trained; use 'nemo'"
             )
@@ -304,7 +305,7 @@ def build_example(
     context_ids, context_labels, header, response = _tokenize_rendered(tokenizer, rendered)
     budget = config.max_length - len(header)
     if budget < 1:
-        raise ValueError(
+        raise ConfigError(
             f"max_length {config.max_length} cannot hold the final assistant header and attribute line "
             f"({len(header)} tokens) plus one response token; raise data.max_length"
         )
@@ -347,7 +348,7 @@ def generation_prompt_ids(
     )
     budget = config.max_length - max_new_tokens - len(header)
     if budget < 0:
-        raise ValueError(
+        raise ConfigError(
             f"max_length {config.max_length} cannot hold the assistant header ({len(header)} tokens) "
             f"plus max_new_tokens {max_new_tokens}"
         )
@@ -383,7 +384,7 @@ def quantile_levels(
             cuts = np.quantile(np.asarray(values), [k / count for k in range(1, count)])
             levels[name] = [float(c) for c in cuts]
     if not levels:
-        raise ValueError(
+        raise SourceError(
             "attribute source 'apm_quantile': no apm_<name> column in the rows (relabel them first)"
         )
     return levels
@@ -404,10 +405,10 @@ def choose_attributes(
     clamped.
     """
     if source not in ("human", "apm", "prefer_human", "apm_quantile"):
-        raise ValueError(f"attribute source {source!r}; allowed: human, apm, prefer_human, apm_quantile")
+        raise ConfigError(f"attribute source {source!r}; allowed: human, apm, prefer_human, apm_quantile")
     if source == "apm_quantile":
         if levels is None:
-            raise ValueError("attribute source 'apm_quantile' needs the cut points (quantile_levels)")
+            raise ConfigError("attribute source 'apm_quantile' needs the cut points (quantile_levels)")
         return {
             name: schema.low + bisect.bisect_right(cuts, float(row[f"apm_{name}"]))
             for name, cuts in levels.items()
@@ -448,7 +449,7 @@ def examples_from_rows(
     for index, row in enumerate(rows):
         attributes = choose_attributes(row, schema, attribute_source, levels) | dict(fixed or {})
         if not attributes:
-            raise ValueError(
+            raise SourceError(
                 f"row {index}: no attribute values from source {attribute_source!r} (columns "
                 f"{', '.join(schema.names[:2])}, ... or apm_<name>_int); "
                 "relabel the data or pick another source"
@@ -458,7 +459,7 @@ def examples_from_rows(
                 row["prompt"], row["response"], attributes, system=config.system
             )
         except (KeyError, ConversationFormatError) as exc:
-            raise ValueError(f"row {index}: {exc}") from exc
+            raise SourceError(f"row {index}: {exc}") from exc
         examples.append(build_example(conversation, tokenizer, config, schema, stats))
     return examples
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from helpsteer_core.config import StrictModel
+from helpsteer_core.config import ConfigError, StrictModel
 
 Precision = Literal["auto", "bf16", "fp32"]
 # One checkpoint's layout, shared by the training stages: DeepSpeed's shards, the exported
@@ -51,9 +51,9 @@ class DeepSpeedSettings(StrictModel):
 
     def model_post_init(self, _: Any) -> None:
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"deepspeed.offload_params needs zero_stage 3, not {self.zero_stage}")
+            raise ConfigError(f"deepspeed.offload_params needs zero_stage 3, not {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3, not 0")
+            raise ConfigError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3, not 0")
 
     def bf16(self, use_gpu: bool) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and use_gpu)
@@ -68,7 +68,7 @@ class DeepSpeedSettings(StrictModel):
         that trains to a worse loss, so they are refused rather than run unverified.
         """
         if self.precision == "bf16" and not use_gpu and self.zero_stage != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"deepspeed.precision: bf16 on CPU (use_gpu: false) needs deepspeed.zero_stage: 1 "
                 f"(fp32 master weights and gradient accumulation), not {self.zero_stage}; "
                 f"or set deepspeed.precision: auto or fp32"

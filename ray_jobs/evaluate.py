@@ -40,13 +40,13 @@ from pydantic import Field
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
-from helpsteer_core.config import dump_config, resolve_path
+from helpsteer_core.config import ConfigError, dump_config, resolve_path
 from helpsteer_core.conversation import parse_prompt_turns
 from helpsteer_core.generator import read_training_setup
 from helpsteer_core.model_sources import MINILM, resolve_model_path
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
-from helpsteer_core.readers import read_parquet_rows
+from helpsteer_core.readers import SourceError, read_parquet_rows
 from helpsteer_core.relevance import describe as describe_relevance
 from helpsteer_core.relevance import relevance as relevance_scores
 from helpsteer_core.steering import (
@@ -108,7 +108,7 @@ def held_out_prompts(data: Path, count: int) -> list[str]:
             prompts.append(row["prompt"])
         if len(prompts) == count:
             return prompts
-    raise ValueError(f"{data}: {len(prompts)} distinct prompts, fewer than prompts={count}")
+    raise ConfigError(f"{data}: {len(prompts)} distinct prompts, fewer than prompts={count}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Ask:
 def _check_counts(field: str, counts: dict[str, int], attributes: list[str]) -> None:
     for name, count in counts.items():
         if name not in attributes or count < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}: {name}: {count}; allowed: a swept attribute "
                 f"({', '.join(attributes)}) and a count of at least 1"
             )
@@ -205,7 +205,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     }
     real_files = [resolve_path(f) for f in config.real_prompts]
     if real_counts and not real_files:
-        raise ValueError("real_attribute_prompts: set, but real_prompts names no prompt files to sweep on")
+        raise ConfigError("real_attribute_prompts: set, but real_prompts names no prompt files to sweep on")
     prompts = {"synthetic": held_out_prompts(data, max(counts.values()))}
     if real_files:  # bad files and an unknown encoder fail here, before any generation
         prompts["real"] = real_prompts(
@@ -446,10 +446,10 @@ def read_mt_bench(source: Path) -> list[dict[str, Any]]:
         try:
             question = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}:{number}: not JSON ({exc.msg})") from None
+            raise SourceError(f"{source}:{number}: not JSON ({exc.msg})") from None
         turns = question.get("turns") if isinstance(question, dict) else None
         if "question_id" not in question or not turns or not all(isinstance(t, str) and t for t in turns):
-            raise ValueError(
+            raise SourceError(
                 f"{source}:{number}: needs question_id and turns (a list of non-empty strings), "
                 "as in FastChat's question.jsonl"
             )

@@ -38,7 +38,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from helpsteer_core.config import StrictModel, resolve_path
+from helpsteer_core.config import ConfigError, StrictModel, resolve_path
 from helpsteer_core.prompt_files import read_prompt_file
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
 from ray_jobs import evaluate as evaluate_stage
@@ -159,7 +159,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     runs = resolve_path(config.runs_dir)
     first, last = STAGES.index(config.from_stage), STAGES.index(config.until_stage)
     if first > last:
-        raise ValueError(
+        raise ConfigError(
             f"--from {config.from_stage} comes after --until {config.until_stage}; order: {STAGES}"
         )
     if last >= STAGES.index("evaluate"):
@@ -170,7 +170,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     plan = _Plan(config, runs, data)
     for stage in STAGES[:first]:
         if plan.used(stage) and plan.complete(stage) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"--from {config.from_stage}: the earlier stage {stage} has no complete output for this "
                 "config "
                 f"({plan.out(stage)}); run from {stage} or earlier"

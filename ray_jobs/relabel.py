@@ -10,8 +10,10 @@ which loads the APM once, sorts the unit's rows by length, predicts in batches f
 budget, and writes `out/part-NNNNNN.parquet` atomically. Every input column is kept untouched;
 per attribute the APM was trained on, `apm_<name>` (float) and `apm_<name>_int` (rounded and
 clipped to 0-4) are added, with `apm_model` and `apm_schema` for provenance. Human labels are
-never overwritten. A re-run after an interruption skips the parts already written, so every
-input row ends up in exactly one output row.
+never overwritten. A row with no usable prompt or response (missing, null, not a string, empty)
+is not predicted: it goes to `out/rejects/part-NNNNNN.jsonl` with its file, line, field and
+reason, and input rows = output rows + rejected rows. A re-run after an interruption skips the
+parts already written, so every input row ends up in exactly one output or reject row.
 """
 
 from __future__ import annotations
@@ -37,13 +39,25 @@ from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import round_clip
-from helpsteer_core.readers import HF_PREFIX, SourceError, Unit, plan_units, read_unit, resolve_source
+from helpsteer_core.outputs import OutputError, mark_output
+from helpsteer_core.readers import (
+    HF_PREFIX,
+    SourceError,
+    Unit,
+    plan_units,
+    read_unit,
+    read_unit_rows,
+    resolve_source,
+    rows_table,
+)
+from helpsteer_core.records import TEXT_FIELDS, RowError, check_texts
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.relabel")
 SCHEMA = STEERLM
 MANIFEST = "relabel_manifest.json"
+REJECTS = "rejects"  # out/rejects/part-NNNNNN.jsonl: rows of that unit with no usable prompt or response
 
 
 class RelabelSettings(StrictModel):
@@ -84,12 +98,7 @@ class Relabeler:
         for text in batch["unit"]:
             started = time.perf_counter()
             unit = Unit.from_dict(json.loads(text))
-            table = read_unit(unit)
-            for name in ("prompt", "response"):
-                if name not in table.column_names:
-                    raise SourceError(
-                        f"{unit.shard.label}: no {name!r} column; columns: {table.column_names}"
-                    )
+            table, rejects = checked_unit(unit)
             pred = predict(
                 self.model,
                 self.model.tokenizer,
@@ -99,6 +108,12 @@ class Relabeler:
                 self.device,
             )  # (rows, n_attr)
             table = self._with_predictions(table, pred)
+            # The unit's rejects first, then its part: a part on disk means the unit is done.
+            rejected = self.out / REJECTS / part_name(unit.index).replace(".parquet", ".jsonl")
+            rejected.parent.mkdir(exist_ok=True)
+            tmp = rejected.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+            os.replace(tmp, rejected)
             path = self.out / part_name(unit.index)
             tmp = path.with_suffix(".tmp")
             pq.write_table(table, tmp)
@@ -122,6 +137,44 @@ class Relabeler:
         return table.append_column("apm_schema", pa.array([SCHEMA.id] * table.num_rows, pa.string()))
 
 
+def checked_unit(unit: Unit) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """The unit's rows with a usable prompt and response (columns as the source has them), and a
+    reject (input_file, input_line, field, reason, raw) for every other row, as the filter writes."""
+    if unit.shard.kind in ("jsonl", "jsonl.gz"):  # checked before typing: 5 and "text" share no type
+        located = read_unit_rows(unit)
+        lines, rows = [line for line, _ in located], [row for _, row in located]
+        table = None
+    else:
+        table = read_unit(unit)
+        for name in TEXT_FIELDS:
+            if name not in table.column_names:
+                raise SourceError(f"{unit.shard.label}: no {name!r} column; columns: {table.column_names}")
+        rows = table.select(list(TEXT_FIELDS)).to_pylist()
+        lines = list(range(unit.start + 1, unit.stop + 1))  # 1-based row numbers in the file
+    keep, rejects = [], []
+    for line, row in zip(lines, rows, strict=True):
+        try:
+            check_texts(row)
+            keep.append(True)
+        except RowError as exc:
+            keep.append(False)
+            rejects.append(
+                {
+                    "input_file": unit.shard.path,
+                    "input_line": line,
+                    "field": exc.field,
+                    "reason": exc.message,
+                    "raw": json.dumps(row, ensure_ascii=False, default=str),
+                }
+            )
+    if table is None:
+        table = rows_table([row for row, ok in zip(rows, keep, strict=True) if ok])
+        if table.num_rows == 0:
+            table = pa.table({name: pa.array([], pa.string()) for name in TEXT_FIELDS})
+        return table, rejects
+    return table.filter(pa.array(keep, pa.bool_())), rejects
+
+
 def part_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
@@ -142,14 +195,17 @@ def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     if path.is_file():
         found = json.loads(path.read_text())
         if found != manifest:
-            raise ValueError(
+            raise OutputError(
                 f"{out} holds a relabel of another input or model ({path}); "
                 "use another `out`, or delete it to start over"
             )
     elif out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and is not a relabel output; use another `out`")
+        raise OutputError(
+            f"{out} is not empty and is not a relabel output; nothing was deleted: use another `out`"
+        )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+    mark_output(out, "relabel")  # filled in place (resumable parts), so marked from the start
 
 
 def run(config: RelabelConfig) -> dict[str, Any]:
@@ -200,13 +256,17 @@ def run(config: RelabelConfig) -> dict[str, Any]:
             )
             done = results.take_all()
         output_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(out.glob("part-*.parquet")))
+        rejected_rows = sum(
+            len(p.read_text().splitlines()) for p in sorted((out / REJECTS).glob("part-*.jsonl"))
+        )
         elapsed = time.perf_counter() - started
         work_seconds = sum(r["seconds"] for r in done)
         relabelled = sum(int(r["rows"]) for r in done)
         stats = {
             "input_rows": input_rows,
             "output_rows": output_rows,
-            "reconciles": input_rows == output_rows,
+            "rejected_rows": rejected_rows,  # no usable prompt or response; reasons in rejects/
+            "reconciles": input_rows == output_rows + rejected_rows,
             "units": len(units),
             "units_skipped_as_done": len(units) - len(pending),
             "rows_relabelled_now": relabelled,
@@ -222,7 +282,12 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         tracked.log_metrics(stats)
         tracked.log_outputs({"stats.json": out / "stats.json", "out": out})
     if not stats["reconciles"]:
-        raise RuntimeError(f"relabel: {input_rows} input rows but {output_rows} output rows in {out}")
+        raise RuntimeError(
+            f"relabel: {input_rows} input rows but {output_rows} output and {rejected_rows} rejected "
+            f"rows in {out}"
+        )
+    if rejected_rows:
+        log.warning("relabel: %d rows rejected, with reasons, in %s", rejected_rows, out / REJECTS)
     log.info(
         "relabel: %d rows in %.1fs (%.1f rows/s) -> %s", relabelled, elapsed, stats["rows_per_second"], out
     )

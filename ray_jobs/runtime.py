@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from pydantic import BaseModel
 
+from helpsteer_core.attributes import AttributeValueError
 from helpsteer_core.config import ConfigError, load_config
 from helpsteer_core.outputs import OutputError
 from helpsteer_core.readers import SourceError
@@ -24,7 +25,7 @@ from helpsteer_core.readers import SourceError
 log = logging.getLogger(__name__)
 # Errors in what the user gave (config, paths, data, an `out` that is not the stage's): one line
 # and exit status 2. Anything else, a plain ValueError included, is a bug and keeps its traceback.
-STAGE_ERRORS = (ConfigError, SourceError, OutputError, ValueError, FileNotFoundError)
+STAGE_ERRORS = (ConfigError, SourceError, AttributeValueError, OutputError, FileNotFoundError)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

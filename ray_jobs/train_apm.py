@@ -48,7 +48,7 @@ from helpsteer_core.apm import (
 )
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
-from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
 from helpsteer_core.model_sources import resolve_model_path
 from helpsteer_core.outputs import prepare_output, publish
@@ -117,7 +117,7 @@ class TrainAPMConfig(TrainAPMSettings):
 def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
     per_epoch = len(epoch_batches(0, lengths, config.batch_size * world, config.seed, config.length_pool))
     if per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{len(lengths)} training rows do not fill one step of {config.batch_size} rows x {world} workers"
         )
     total = config.max_steps or math.ceil(config.epochs * per_epoch)

@@ -47,7 +47,7 @@ from ray.train import Checkpoint
 
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
-from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.generator import (
     SMOLLM2,
     keeps_logits,
@@ -192,7 +192,7 @@ def plan(config: TrainSFTConfig, lengths: Sequence[int]) -> tuple[int, int, int]
     width = config.micro_batch_size * config.accumulation_steps * config.num_workers
     per_epoch = len(epoch_batches(0, lengths, width, config.seed, config.length_pool))
     if per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{len(lengths)} training examples do not fill one global batch of {width} rows "
             f"(micro_batch_size {config.micro_batch_size} x accumulation_steps {config.accumulation_steps} "
             f"x num_workers {config.num_workers})"

@@ -102,6 +102,21 @@ def test_missing_path_names_the_path(tmp_path: Path) -> None:
     assert "hf:DATASET_ID" in str(err.value)
 
 
+def test_a_mistyped_two_part_local_path_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "data" / "synth").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError) as err:
+        resolve_source("data/synht")  # `data/` is a local folder: a typo, not the Hub dataset data/synht
+    assert str(err.value).startswith("data source not found: data/synht ")
+    assert "cannot load split" not in str(err.value)  # no Hub download was attempted
+
+
+def test_a_two_part_name_with_no_local_folder_is_still_a_hub_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no `nvidia/` here: nvidia/HelpSteer2 means the Hub dataset
+    with pytest.raises(SourceError, match=r"^hf:nvidia/HelpSteer2: cannot load split 'train'"):
+        resolve_source("nvidia/HelpSteer2")  # offline in tests (HF_DATASETS_OFFLINE): the Hub was asked
+
+
 def test_unsupported_suffix_lists_allowed_suffixes(tmp_path: Path) -> None:
     path = tmp_path / "rows.csv"
     path.write_text("prompt,response\n")

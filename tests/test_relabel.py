@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES
+from helpsteer_core.outputs import OutputError
 from helpsteer_core.synthetic import write_synthetic
 from ray_jobs.relabel import RelabelConfig, run
 
@@ -118,5 +120,53 @@ def test_interrupted_run_is_finished_by_a_rerun_without_duplicates(ray_head, tra
 
 def test_a_different_input_into_the_same_out_is_refused(trained_apm, tmp_path):
     run(_config(trained_apm.model, trained_apm.data / "validation", tmp_path / "out"))
-    with pytest.raises(ValueError, match="another input or model"):
+    with pytest.raises(OutputError, match="another input or model"):
         run(_config(trained_apm.model, trained_apm.data / "train", tmp_path / "out"))
+
+
+def test_rows_without_a_usable_prompt_or_response_become_rejects_with_reasons(trained_apm, tmp_path):
+    rows = [
+        {"prompt": "What is 2 + 2?", "response": "It is 4.", "id": "good-1"},
+        {"prompt": None, "response": "An answer to nothing.", "id": "null-prompt"},
+        {"prompt": 5, "response": "Five.", "id": "int-prompt"},
+        {"prompt": "Hi?", "response": "   ", "id": "blank-response"},
+        {"prompt": "What is 3 + 3?", "response": "It is 6.", "id": "good-2"},
+    ]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    stats = run(_config(trained_apm.model, src, out, rows_per_unit=2))
+    assert [r["id"] for r in _rows(out)] == ["good-1", "good-2"]
+    assert (stats["input_rows"], stats["output_rows"], stats["rejected_rows"]) == (5, 2, 3)
+    assert stats["reconciles"]
+    rejects = [
+        json.loads(line)
+        for f in sorted((out / "rejects").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    got = {json.loads(r["raw"])["id"]: (r["input_file"], r["input_line"], r["field"]) for r in rejects}
+    assert got == {
+        "null-prompt": (str(src), 2, "prompt"),
+        "int-prompt": (str(src), 3, "prompt"),
+        "blank-response": (str(src), 4, "response"),
+    }
+    reasons = {json.loads(r["raw"])["id"]: r["reason"] for r in rejects}
+    assert "missing" in reasons["null-prompt"] and "has type int" in reasons["int-prompt"]
+    assert "is empty" in reasons["blank-response"]
+
+    # A typed Parquet source: a null prompt in a string column is a reject too, types kept.
+    table = pq.read_table(sorted((trained_apm.data / "validation").glob("*.parquet"))[0]).slice(0, 3)
+    prompts = table.column("prompt").to_pylist()
+    table = table.set_column(
+        table.schema.get_field_index("prompt"),
+        "prompt",
+        pa.array([prompts[0], None, prompts[2]], pa.string()),
+    )
+    pq.write_table(table, tmp_path / "typed.parquet")
+    stats = run(_config(trained_apm.model, tmp_path / "typed.parquet", tmp_path / "out2"))
+    assert (stats["input_rows"], stats["output_rows"], stats["rejected_rows"]) == (3, 2, 1)
+    [reject] = [
+        json.loads(x) for x in (tmp_path / "out2" / "rejects" / "part-000000.jsonl").read_text().splitlines()
+    ]
+    assert (reject["input_line"], reject["field"]) == (2, "prompt")
+    assert pq.read_table(tmp_path / "out2" / "part-000000.parquet").schema.field("prompt").type == pa.string()
