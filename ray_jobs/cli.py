@@ -130,6 +130,7 @@ def evaluate_apm(
     ] = None,
 ) -> None:
     """Agreement of an APM with human labels: Pearson, Spearman, MAE, RMSE, QWK vs the mean baseline."""
+    from ray_jobs.runtime import STAGE_ERRORS
     from ray_jobs.train_apm import evaluate_apm as evaluate
 
     try:
@@ -139,7 +140,7 @@ def evaluate_apm(
             resolve_path(out),
             resolve_path(train_data) if train_data else None,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except STAGE_ERRORS as exc:
         _fail(exc)
     for name, m in report["attributes"].items():
         pearson = "n/a" if m["pearson"] is None else f"{m['pearson']:.3f}"
@@ -211,10 +212,23 @@ def ui(
     runs_dir: Annotated[Path, typer.Option(help="Runs folder holding mlflow.db")] = Path("runs"),
     host: Annotated[str, typer.Option(help="Bind address; 127.0.0.1 keeps it off the network")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 5000,
+    allow_unauthenticated: Annotated[
+        bool, typer.Option(help="Serve beyond loopback although the MLflow UI asks for no key")
+    ] = False,
 ) -> None:
     """Start the MLflow UI on the runs database."""
+    from helpsteer_core.config import ConfigError
     from ray_jobs.tracking import TrackingConfig
+    from serve.app import is_loopback
 
+    if not is_loopback(host) and not allow_unauthenticated:
+        _fail(
+            ConfigError(
+                f"--host {host}: refusing to expose the MLflow UI beyond loopback: it has no login, so "
+                "anyone who reaches the port can read and delete runs; use an SSH tunnel to 127.0.0.1, "
+                "or pass --allow-unauthenticated to do it on purpose"
+            )
+        )
     tracking = TrackingConfig(runs_dir=str(runs_dir))
     db = resolve_path(runs_dir) / "mlflow.db"
     if not db.exists():
@@ -259,7 +273,7 @@ def serve_(
     import yaml
 
     from ray_jobs.runtime import STAGE_ERRORS, ensure_ray
-    from serve.app import CONFIG, check_config, deploy, load_config
+    from serve.app import CONFIG, check_config, check_exposure, deploy, load_config
 
     _setup_logging()
     try:
@@ -278,7 +292,16 @@ def serve_(
                 args[key] = str(resolve_path(args[key]))
         http = settings.setdefault("http_options", {})
         http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-        check_config(settings, where=str(source))  # before Ray starts: a typo costs nothing
+        # Before Ray starts: a typo, or an open server beyond loopback, costs nothing (the ingress
+        # replica checks the key again where it reads it).
+        schema, app_args = check_config(settings, where=str(source))
+        check_exposure(
+            schema.http_options.host,
+            app_args.api_key_env,
+            app_args.allow_unauthenticated,
+            os.environ,
+            str(source),
+        )
         ensure_ray()
     except STAGE_ERRORS as exc:
         _fail(exc)

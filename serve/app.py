@@ -11,13 +11,18 @@
 Ray Serve validates builder args with the annotated pydantic model but ignores unknown keys in
 the rest of a config file, so `check_config` also walks the whole file for keys Ray would drop.
 The API key never appears in a config: `api_key_env` names the environment variable that holds
-it, read by the ingress replica (set it where Ray starts, or from a Kubernetes Secret).
+it, read by the ingress replica (set it where Ray starts, or from a Kubernetes Secret). Serving
+beyond loopback without a key is refused (`check_exposure`) unless the args say
+`allow_unauthenticated: true`: by `helpsteer serve` before Ray starts, and by the ingress replica
+itself, wherever the app was built (`serve run`, a RayService), so that it never starts open by
+accident.
 """
 
 # No `from __future__ import annotations` here: Ray Serve reads build_app's annotation at run time
 # to turn the config's args into AppArgs, and a string annotation would hand it a plain dict.
 
 import importlib.util
+import ipaddress
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +33,7 @@ from pydantic import BaseModel, Field
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from helpsteer_core.config import StrictModel, apply_overrides, resolve_path
+from helpsteer_core.config import ConfigError, StrictModel, apply_overrides, resolve_path
 from serve.protocol import LimitArgs, model_in
 
 log = logging.getLogger("ray.serve")
@@ -63,6 +68,34 @@ class AppArgs(StrictModel):
     generator_batching: BatchArgs = BatchArgs()
     apm_batching: BatchArgs = BatchArgs(max_batch_size=32)
     api_key_env: str | None = "HELPSTEER_API_KEY"  # null: never ask for a key
+    # Beyond loopback the app refuses to start without a key; true serves openly on purpose (behind
+    # an authenticating proxy, say).
+    allow_unauthenticated: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable from elsewhere
+        return False
+
+
+def check_exposure(
+    host: str, api_key_env: str | None, allow_unauthenticated: bool, environ: Mapping[str, str], where: str
+) -> str | None:
+    """The API key the app will ask for (None: none); raise if it would listen beyond loopback
+    on `host` without one and `allow_unauthenticated` is not set."""
+    key = environ.get(api_key_env) if api_key_env else None
+    if key or is_loopback(host) or allow_unauthenticated:
+        return key or None
+    missing = f"${api_key_env} is not set" if api_key_env else "api_key_env is null"
+    raise ConfigError(
+        f"{where}: refusing to serve on {host} (beyond loopback) without an API key ({missing}); set "
+        f"the key in the environment variable named by args.api_key_env where Ray runs, bind "
+        "http_options.host: 127.0.0.1, or set args.allow_unauthenticated: true to serve openly on purpose"
+    )
 
 
 def _folder(value: str, name: str) -> str:
@@ -93,11 +126,18 @@ def bind_app(args: AppArgs, options: Mapping[str, Mapping[str, Any]] | None = No
     options = dict(options or {})
     unknown = sorted(set(options) - set(DEPLOYMENTS))
     if unknown:
-        raise ValueError(f"options for unknown deployment(s) {unknown}; allowed: {', '.join(DEPLOYMENTS)}")
+        raise ConfigError(f"options for unknown deployment(s) {unknown}; allowed: {', '.join(DEPLOYMENTS)}")
     generator_folder = _folder(args.generator, "generator")
     engine = _engine(args)
     settings = args.model_dump(
-        include={"model_name", "defaults", "default_temperature", "limits", "api_key_env"}
+        include={
+            "model_name",
+            "defaults",
+            "default_temperature",
+            "limits",
+            "api_key_env",
+            "allow_unauthenticated",
+        }
     )
     settings["engine"] = engine
     if engine == "vllm":
@@ -152,7 +192,7 @@ def load_config(path: Path = CONFIG, overrides: Mapping[str, Any] | None = None)
     """A Serve config file with `overrides` (dotted keys under the app's `args`, e.g. limits.max_tokens)."""
     config = yaml.safe_load(Path(path).read_text())
     if not isinstance(config, dict) or not config.get("applications"):
-        raise ValueError(f"{path}: expected a Serve config with an `applications:` list")
+        raise ConfigError(f"{path}: expected a Serve config with an `applications:` list")
     app = config["applications"][0]
     args = app.setdefault("args", {})
     apply_overrides(
@@ -184,7 +224,7 @@ def check_config(config: Mapping[str, Any], where: str = "serve config") -> tupl
                     "deployment the app does not have); remove it or set apm"
                 )
     if errors:
-        raise ValueError(f"{where}: " + "; ".join(errors))
+        raise ConfigError(f"{where}: " + "; ".join(errors))
     return schema, AppArgs.model_validate(apps[0].args)
 
 
@@ -201,7 +241,7 @@ def deploy(config: Mapping[str, Any], where: str = "serve config") -> str:
     schema, args = check_config(config, where)
     app = schema.applications[0]
     if app.runtime_env:
-        raise ValueError(f"{where}: runtime_env is not applied by `helpsteer serve`; use `serve run` for it")
+        raise ConfigError(f"{where}: runtime_env is not applied by `helpsteer serve`; use `serve run` for it")
     http = schema.http_options
     serve.start(http_options=http.model_dump(), proxy_location=schema.proxy_location)
     serve.run(bind_app(args, deployment_options(schema)), name=app.name, route_prefix=app.route_prefix or "/")

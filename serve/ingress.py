@@ -19,9 +19,11 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
 from serve.api import Frontend, Settings, build_api
+from serve.app import check_exposure
 from serve.engine import Choice, ChoiceDelta, GenerationJob
 from serve.protocol import APIError, LimitArgs
 from serve.steerable import SteerablePrompts
@@ -124,12 +126,17 @@ class Ingress:
 
     async def __serve_build_asgi_app__(self) -> Any:
         args = self.settings
-        api_key = os.environ.get(args["api_key_env"]) if args["api_key_env"] else None
-        if args["api_key_env"]:
-            log.info(
-                "ingress: API key %s",
-                f"required (from ${args['api_key_env']})" if api_key else "not set: open",
-            )
+        host = _get_global_client().http_config.host  # where Serve's proxies listen
+        # Raises (the replica does not start, and Serve reports why) when the app would listen
+        # beyond loopback with no key; this is where the key is read, whoever built the app.
+        api_key = check_exposure(
+            host, args["api_key_env"], args["allow_unauthenticated"], os.environ, "helpsteer ingress"
+        )
+        log.info(
+            "ingress: listening on %s; API key %s",
+            host,
+            f"required (from ${args['api_key_env']})" if api_key else "not asked for (open)",
+        )
         apm = None
         if self.apm_handle is not None:
             info = await self.apm_handle.info.remote()

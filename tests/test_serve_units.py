@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ import yaml
 
 from helpsteer_core.apm import APMConfig, AttributePredictionModel, save_trained_attributes
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
+from helpsteer_core.config import ConfigError
 from helpsteer_core.conversation import Turn
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
 from serve.api import Frontend, Settings
-from serve.app import CONFIG, AppArgs, check_config, load_config
+from serve.app import CONFIG, AppArgs, check_config, check_exposure, load_config
 from serve.engine import Choice, ChoiceDelta, GenerationJob, SamplingParams, TransformersEngine, collect
 from serve.protocol import APIError, LimitArgs, resolve_attributes
 from serve.steerable import PromptTooLong, SteerablePrompts, load_steerable, read_training_setup
@@ -203,6 +205,56 @@ def test_helpsteer_serve_rejects_a_bad_config_before_starting_ray(monkeypatch: p
     result = CliRunner().invoke(app, ["serve", "--generator", "/nowhere", "--set", "limits.max_token=64"])
     assert result.exit_code == 2
     assert "limits.max_token: unknown key" in result.output and "allowed: default_max_tokens" in result.output
+
+
+# --- no open server beyond loopback -------------------------------------------------------------
+
+
+def test_serving_beyond_loopback_needs_a_key_or_an_explicit_allow():
+    env = {"KEY": "secret"}
+    assert check_exposure("127.0.0.1", None, False, {}, "here") is None  # loopback: open is fine
+    assert check_exposure("localhost", "KEY", False, {}, "here") is None
+    assert check_exposure("::1", "KEY", False, {}, "here") is None
+    assert check_exposure("0.0.0.0", "KEY", False, env, "here") == "secret"
+    assert check_exposure("0.0.0.0", None, True, {}, "here") is None  # said so, explicitly
+    for host, key_env in (("0.0.0.0", "KEY"), ("::", "KEY"), ("10.1.2.3", None), ("myhost", "KEY")):
+        with pytest.raises(
+            ConfigError, match=f"here: refusing to serve on {re.escape(host)} \\(beyond loopback\\)"
+        ):
+            check_exposure(host, key_env, False, {}, "here")
+    with pytest.raises(ConfigError, match=r"\$KEY is not set.*allow_unauthenticated: true"):
+        check_exposure("0.0.0.0", "KEY", False, {"OTHER": "x"}, "here")
+
+
+def _helpsteer(args: list[str], env: dict[str, str], tmp_path: Path) -> Any:
+    import subprocess
+    import sys
+
+    helpsteer = str(Path(sys.executable).parent / "helpsteer")
+    return subprocess.run(
+        [helpsteer, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_helpsteer_serve_on_all_interfaces_without_a_key_exits_2_with_the_reason(tmp_path: Path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HELPSTEER_API_KEY"}
+    done = _helpsteer(["serve", "--generator", str(tmp_path), "--host", "0.0.0.0"], env, tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "refusing to serve on 0.0.0.0 (beyond loopback) without an API key" in done.stderr
+    assert "$HELPSTEER_API_KEY is not set" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_helpsteer_ui_beyond_loopback_is_refused_unless_allowed(tmp_path: Path):
+    import os
+
+    done = _helpsteer(["ui", "--runs-dir", "runs", "--host", "0.0.0.0"], dict(os.environ), tmp_path)
+    assert done.returncode == 2 and "refusing to expose the MLflow UI beyond loopback" in done.stderr
+    # Allowed explicitly, the host passes; this runs folder has no database yet, so it stops there.
+    allowed = ["ui", "--runs-dir", "runs", "--host", "0.0.0.0", "--allow-unauthenticated"]
+    done = _helpsteer(allowed, dict(os.environ), tmp_path)
+    assert done.returncode == 2 and "no MLflow database yet" in done.stderr, done.stderr[-2000:]
 
 
 # --- best-of-n, with a known answer ---------------------------------------------------------------
