@@ -214,11 +214,8 @@ def rayservice_configs() -> list[tuple[str, dict[str, Any]]]:
 
 
 def serve_configs() -> list[tuple[str, dict[str, Any]]]:
-    """The RayService's config and serve/config.yaml, when it exists."""
-    found = rayservice_configs()
-    if SERVE_CONFIG.is_file():
-        found.append(("serve/config.yaml", load_yaml(SERVE_CONFIG)))
-    return found
+    """The RayService's config and serve/config.yaml (a missing file is an error, not a skip)."""
+    return [*rayservice_configs(), ("serve/config.yaml", load_yaml(SERVE_CONFIG))]
 
 
 @pytest.mark.parametrize("name,config", rayservice_configs(), ids=[n for n, _ in rayservice_configs()])
@@ -228,8 +225,6 @@ def test_rayservice_serve_config_matches_rays_schema(name, config):
 
 
 def test_serve_config_yaml_matches_rays_schema():
-    if not SERVE_CONFIG.is_file():
-        pytest.skip("serve/config.yaml not written yet (issue 5); the RayService's config is checked")
     assert serve_config_errors(load_yaml(SERVE_CONFIG)) == []
 
 
@@ -255,12 +250,11 @@ def test_serve_typo_fails_naming_the_key(name, config, where):
 
 def test_serve_app_args_match_the_builder():
     """The args in every Serve config load into the app builder's typed args, with no extra keys."""
-    if importlib.util.find_spec("serve.app") is None:
-        pytest.skip("serve/app.py not written yet (issue 5)")
     builder = importlib.import_module("serve.app").build_app
     args_model = model_in(next(iter(typing.get_type_hints(builder).values()), None))
-    if args_model is None:
-        pytest.skip(f"serve.app.build_app{inspect.signature(builder)} takes no pydantic args model")
+    assert args_model is not None, (
+        f"serve.app.build_app{inspect.signature(builder)} takes no pydantic args model"
+    )
     for name, config in serve_configs():
         args = config["applications"][0].get("args", {})
         args_model.model_validate(args)
@@ -286,12 +280,9 @@ def launch(argv: list[str], monkeypatch, capsys) -> Any:
     """Run `python -m ray_jobs.<stage> --config FILE overrides...` up to its `run`: the config it gets."""
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("ray_jobs."), argv
     module, args = argv[2], argv[3:]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not written yet")
     config = args[args.index("--config") + 1]
     local = REPO / config.removeprefix(IMAGE_HOME)
-    if not local.is_file():
-        pytest.skip(f"{config} not written yet")
+    assert local.is_file(), f"{config}: no such config in the repository"
     args[args.index("--config") + 1] = str(local)
     stage = importlib.import_module(module)
     seen: list[Any] = []
