@@ -253,3 +253,53 @@ def test_bf16_with_zero_1_accumulates_gradients_in_fp32(tmp_path):
     ds = build_config(config.deepspeed, **common)
     assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in build_config(DeepSpeedSettings(zero_stage=1), **common)  # fp32 on CPU
+
+    # What DeepSpeed itself chose from that config, on a real (one-process, CPU) engine.
+    chosen = _deepspeed_choice(ds)
+    assert chosen["optimizer"] == "BF16_Optimizer", chosen
+    assert (chosen["model_dtype"], chosen["grad_accum_dtype"]) == ("torch.bfloat16", "torch.float32"), chosen
+    assert chosen["bf16"] and chosen["param_dtype"] == "torch.bfloat16", chosen
+    fp32 = _deepspeed_choice(build_config(DeepSpeedSettings(zero_stage=1), **common))
+    assert fp32["optimizer"] != "BF16_Optimizer" and fp32["model_dtype"] == "torch.float32", fp32
+
+
+_ENGINE_SCRIPT = """
+import json, sys
+import deepspeed, torch
+from ray_jobs.deepspeed_engine import init_engine
+deepspeed.init_distributed(dist_backend="gloo")
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+engine = init_engine(model, json.loads(sys.argv[1]))
+model_dtype, grad_accum_dtype = engine.get_data_types()
+print(json.dumps({
+    "optimizer": type(engine.optimizer).__name__,
+    "bf16": engine.bfloat16_enabled(),
+    "model_dtype": str(model_dtype),
+    "grad_accum_dtype": str(grad_accum_dtype),
+    "param_dtype": str(next(engine.module.parameters()).dtype),
+}))
+"""
+
+
+def _deepspeed_choice(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """`deepspeed.initialize` on a tiny model in a fresh one-rank process: what it picked."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _ENGINE_SCRIPT, json.dumps(ds_config)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
