@@ -339,7 +339,8 @@ def _result(stage: str, result: dict[str, Any]) -> str:
             f"+{result.get('shorter_versions', 0)} shorter versions; {result['new_tokens_per_second']} new tokens/s"
         )
     if stage == "relabel":
-        return f"{result['output_rows']} rows, {result['rows_per_second']} rows/s"
+        rejected = f", {result['rejected_rows']} rejected" if result.get("rejected_rows") else ""
+        return f"{result['output_rows']} rows{rejected}, {result['rows_per_second']} rows/s"
     if stage == "train_sft":
         final = result.get("final", {})
         loss = f"loss {final['loss']:.3f}" if "loss" in final else ""
