@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from helpsteer_core.config import ConfigError
+
 # Style name -> the instruction appended to the question ("" asks nothing). Lengths and registers
 # spread verbosity and complexity; SmolLM2-135M-Instruct follows these (shared/DESIGN.md: "one
 # short sentence" median 20 words, no instruction 134, "several paragraphs" 164).
@@ -58,7 +60,7 @@ def pick_questions(count: int, seed: int) -> list[str]:
     """`count` distinct questions of the bank, a seeded sample (raises when the bank is smaller)."""
     bank = question_bank()
     if not 1 <= count <= len(bank):
-        raise ValueError(f"questions: {count}; allowed: 1 to {len(bank)} (the size of the question bank)")
+        raise ConfigError(f"questions: {count}; allowed: 1 to {len(bank)} (the size of the question bank)")
     return random.Random(seed).sample(bank, count)
 
 
@@ -66,7 +68,7 @@ def answer_requests(questions: Sequence[str], styles: Sequence[str]) -> list[Ans
     """One request per question and style, question-major."""
     unknown = [s for s in styles if s not in STYLES]
     if unknown or not styles:
-        raise ValueError(f"styles: {list(styles)}; allowed: a non-empty list of {', '.join(STYLES)}")
+        raise ConfigError(f"styles: {list(styles)}; allowed: a non-empty list of {', '.join(STYLES)}")
     return [AnswerRequest(q, style, f"{q} {STYLES[style]}".strip()) for q in questions for style in styles]
 
 
@@ -92,7 +94,8 @@ def sentence_ends(text: str) -> list[int]:
     return [
         m.end()
         for m in _SENTENCE_END.finditer(text)
-        if m.group().startswith(("!", "?")) or not _NOT_AN_END.search(text[max(0, m.start() - 6) : m.start() + 1])
+        if m.group().startswith(("!", "?"))
+        or not _NOT_AN_END.search(text[max(0, m.start() - 6) : m.start() + 1])
     ]
 
 

@@ -113,6 +113,7 @@ from pathlib import Path
 from typing import Any
 
 from helpsteer_core.attributes import HELPSTEER
+from helpsteer_core.config import ConfigError
 from helpsteer_core.conversation import Turn, join_prompt_turns, parse_prompt_turns
 
 GENERATOR_VERSION = 1
@@ -1005,16 +1006,16 @@ def _check_arguments(
     rows: int, seed: int, responses_per_prompt: tuple[int, int], multi_turn_fraction: float
 ) -> None:
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-        raise ValueError(f"rows={rows!r}: allowed: an integer >= 0")
+        raise ConfigError(f"rows={rows!r}: allowed: an integer >= 0")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r}: allowed: an integer (a string seed would not be reproducible)")
+        raise ConfigError(f"seed={seed!r}: allowed: an integer (a string seed would not be reproducible)")
     try:
         low, high = responses_per_prompt
         ok = isinstance(low, int) and isinstance(high, int) and 1 <= low <= high
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(
+        raise ConfigError(
             f"responses_per_prompt={responses_per_prompt!r}: allowed: (low, high) integers "
             "with 1 <= low <= high"
         )
@@ -1023,7 +1024,7 @@ def _check_arguments(
         or not isinstance(multi_turn_fraction, (int, float))
         or not 0.0 <= multi_turn_fraction <= 1.0
     ):
-        raise ValueError(f"multi_turn_fraction={multi_turn_fraction!r}: allowed: 0.0..1.0")
+        raise ConfigError(f"multi_turn_fraction={multi_turn_fraction!r}: allowed: 0.0..1.0")
 
 
 def generate_with_plans(
@@ -1094,7 +1095,7 @@ def write_synthetic(
     """
     out = Path(out_dir)
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows={shard_rows!r}: allowed: an integer >= 1")
+        raise ConfigError(f"shard_rows={shard_rows!r}: allowed: an integer >= 1")
     unknown = sorted(set(kwargs) - {"responses_per_prompt", "multi_turn_fraction"})
     if unknown:
         raise TypeError(
@@ -1140,12 +1141,12 @@ def write_synthetic(
 
 def _check_foreign_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
+        raise ConfigError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     manifest = out / MANIFEST
     if not manifest.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{out}: folder is not empty and has no {MANIFEST}; refusing to write synthetic data "
             "into a folder this generator did not create (or whose last write was interrupted: "
             "delete it and run again)"
@@ -1153,9 +1154,9 @@ def _check_foreign_folder(out: Path) -> None:
     try:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{manifest}: unreadable ({exc}); refusing to replace this folder") from exc
+        raise ConfigError(f"{manifest}: unreadable ({exc}); refusing to replace this folder") from exc
     if not isinstance(content, dict) or "generator_version" not in content:
-        raise ValueError(
+        raise ConfigError(
             f"{manifest}: not a synthetic-data manifest (no generator_version); refusing to "
             "replace this folder"
         )

@@ -336,7 +336,8 @@ def _result(stage: str, result: dict[str, Any]) -> str:
     if stage == "generate_answers":
         return (
             f"{result['requested']} answers: kept {result['kept']}, rejected {result['rejected']}, "
-            f"+{result.get('shorter_versions', 0)} shorter versions; {result['new_tokens_per_second']} new tokens/s"
+            f"+{result.get('shorter_versions', 0)} shorter versions; "
+            f"{result['new_tokens_per_second']} new tokens/s"
         )
     if stage == "relabel":
         rejected = f", {result['rejected_rows']} rejected" if result.get("rejected_rows") else ""
