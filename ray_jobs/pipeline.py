@@ -47,6 +47,7 @@ from ray_jobs import generate_answers as answers_stage
 from ray_jobs import relabel as relabel_stage
 from ray_jobs import train_apm as train_apm_stage
 from ray_jobs import train_sft as train_sft_stage
+from ray_jobs.console import console_out, log_file
 from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
@@ -313,9 +314,11 @@ def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan)
         wall = summary[stage].get("wall_s")
         took = "" if wall is None else f"{wall:.0f} s" if status[stage] == "ran" else f"(ran in {wall:.0f} s)"
         table.add_row(stage, status[stage], took, _result(stage, summary[stage]), str(plan.out(stage)))
-    console = Console()
+    console = Console(file=console_out())  # the terminal, also while Ray's output goes to the log
     console.print(table)
     console.print(f"MLflow: helpsteer ui --runs-dir {plan.runs}")
+    if log_file() is not None:
+        console.print(f"Ray's and the libraries' output: {log_file()}", soft_wrap=True)
 
 
 def _result(stage: str, result: dict[str, Any]) -> str:

@@ -51,6 +51,7 @@ from helpsteer_core.readers import (
     rows_table,
 )
 from helpsteer_core.records import TEXT_FIELDS, RowError, check_texts
+from ray_jobs.console import Progress
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
@@ -254,7 +255,10 @@ def run(config: RelabelConfig) -> dict[str, Any]:
                 num_cpus=config.cpus_per_actor,
                 num_gpus=config.gpus_per_actor,
             )
-            done = results.take_all()
+            progress = Progress(log, "relabel", len(pending), f"parts of {config.rows_per_unit} rows")
+            for part in results.iter_rows():  # one row per part, as each is written
+                done.append(part)
+                progress.advance()
         output_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(out.glob("part-*.parquet")))
         rejected_rows = sum(
             len(p.read_text().splitlines()) for p in sorted((out / REJECTS).glob("part-*.jsonl"))

@@ -18,9 +18,10 @@ import ray
 from pydantic import BaseModel
 
 from helpsteer_core.attributes import AttributeValueError
-from helpsteer_core.config import ConfigError, load_config
+from helpsteer_core.config import ConfigError, load_config, resolve_path
 from helpsteer_core.outputs import OutputError
 from helpsteer_core.readers import SourceError
+from ray_jobs import console
 
 log = logging.getLogger(__name__)
 # Errors in what the user gave (config, paths, data, an `out` that is not the stage's): one line
@@ -63,10 +64,11 @@ def _live_local_cluster() -> str | None:
 
 
 def quiet_ray_data() -> None:
-    """One progress line per operator instead of Ray Data's verbose per-op bars in logs."""
+    """Ray Data's progress bars only where they are read: on a verbose console (the stages print
+    their own progress lines; HELPSTEER_PROGRESS=0 or 1 decides either way)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input and config -> same row order
-    ctx.enable_progress_bars = os.environ.get("HELPSTEER_PROGRESS", "1") != "0"
+    ctx.enable_progress_bars = os.environ.get("HELPSTEER_PROGRESS", "0" if console.quiet() else "1") != "0"
 
 
 def stage_main(
@@ -76,22 +78,31 @@ def stage_main(
     run: Callable[[Any], Any],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """`python -m ray_jobs.<stage> --config FILE [dotted.key=value ...]` for every stage.
+    """`python -m ray_jobs.<stage> --config FILE [--verbose] [dotted.key=value ...]` for every stage.
 
     Config and input errors print one line naming the file, line and key (or the path) and
     return 2; anything else is a bug or an infrastructure failure and keeps its traceback.
     """
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
     parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--verbose", action="store_true", help="Ray's and the libraries' output here too")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. tracking.runs_dir=/mnt/runs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run(load_config(config_cls, args.config, args.overrides))
+        config = load_config(config_cls, args.config, args.overrides)
+        run_stage(prog.rsplit(".", 1)[-1], run, config, args.verbose)
     except STAGE_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_stage(name: str, run: Callable[[Any], Any], config: Any, verbose: bool) -> Any:
+    """`run(config)` with the console set up (ray_jobs.console): the log file goes under the
+    stage's runs folder (`runs_dir`, or `tracking.runs_dir`); a config without one is verbose."""
+    runs = getattr(config, "runs_dir", None) or getattr(getattr(config, "tracking", None), "runs_dir", None)
+    with console.stage_console(name, resolve_path(runs or "."), verbose or runs is None):
+        return run(config)
 
 
 def fit_trainer(
@@ -109,8 +120,12 @@ def fit_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Quiet console: the workers' training lines reach it through a queue (ray_jobs.console).
+    relay = console.Relay() if console.quiet() else None
+    if relay is not None:
+        loop_config = {**loop_config, "console": relay.queue}
     trainer = TorchTrainer(
-        train_loop,
+        console.relay_worker_logs(train_loop),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -124,7 +139,11 @@ def fit_trainer(
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if relay is not None:
+            relay.close()
     if result.checkpoint is None:
         raise RuntimeError(f"{what} under {storage}/{config.run_name} reported no checkpoint")
     return result

@@ -53,6 +53,7 @@ from helpsteer_core.metrics import attribute_metrics, label_means, plot_predicti
 from helpsteer_core.model_sources import resolve_model_path
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.readers import parquet_files, read_parquet_rows
+from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
     MODEL_FOLDER,
@@ -287,6 +288,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     training.forward.train()
     window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation is not counted
     batches, current_epoch = [], -1
+    loop_start = time.monotonic()
     for step in range(start_step, total):
         step_start = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
@@ -316,7 +318,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info(
                     f"apm step {done}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                    f"tokens/s {metrics['tokens_per_s']:.0f}"
+                    f"tokens/s {metrics['tokens_per_s']:.0f} {eta(loop_start, start_step, done, total)}"
                 )
         evaluate = done % config.eval_every == 0 or done == total
         save = done % config.checkpoint_every == 0 or done == total

@@ -70,6 +70,7 @@ from helpsteer_core.sft_data import (
     trained_mask,
     trained_token_count,
 )
+from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
     MODEL_FOLDER,
@@ -287,6 +288,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     pad = tokenizer.pad_token_id
     engine.train()
     batches, current_epoch = [], -1
+    loop_start = time.monotonic()
     for step in range(start_step, total):
         step_start = time.perf_counter()
         epoch, index = divmod(step, per_epoch)
@@ -323,7 +325,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             extra = f" val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
             log.info(
                 f"sft step {done}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{extra}"
+                f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{extra} "
+                f"{eta(loop_start, start_step, done, total)}"
             )
         tracker.log(metrics, done)
         if done % config.checkpoint_every == 0 or done == total:
