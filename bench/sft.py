@@ -126,6 +126,7 @@ def ours(work: Path, rows: int, seed: int, steps: int, warmup: int, precision: s
             f"out={work / f'sft-{precision}'}",
             f"storage={work / 'ray_train'}",
             f"run_name=bench-{precision}",
+            "restart=true",  # measure a fresh run: speed-only settings share an identity, so would resume
             f"tracking.runs_dir={runs}",
             f"max_steps={steps}",
             f"checkpoint_every={steps}",

@@ -20,12 +20,16 @@ Two rules (docs/architecture.md, "Run identity and overwrites"):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from helpsteer_core.fingerprints import settings_key
+
+log = logging.getLogger("helpsteer.outputs")
 MARKER = ".helpsteer-output.json"
 MARKER_VERSION = 1
 
@@ -116,3 +120,61 @@ def mark_output(folder: Path, stage: str) -> None:
     tmp = Path(folder) / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=2) + "\n")
     os.replace(tmp, Path(folder) / MARKER)
+
+
+# Training runs: a checkpoint folder per identity (docs/architecture.md, "Run identity").
+IDENTITY = "helpsteer-identity.json"
+# Training settings that never change the trained weights: how fast it runs, how often it saves or
+# measures, how many failures it survives. (Workers, micro-batch and accumulation do count: they
+# make the global batch, and a ZeRO checkpoint is cut for its world size.)
+TRAINING_SPEED_ONLY = (
+    "cpus_per_worker",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "deepspeed.gradient_checkpointing",
+)
+# Growing these continues a run (the resume tests); every other change starts a new one.
+CONTINUES = ("max_steps", "epochs")
+# Where a stage reads and writes, not what: inputs enter an identity by their content digest.
+PLACES = ("data", "validation", "out", "run_name", "storage", "tracking", "restart")
+
+
+def training_run(storage: Path, name: str, identity: dict[str, Any], restart: bool = False) -> str:
+    """The Ray Train run name for a training run of `identity`: `<name>-<hash of identity>`.
+
+    `identity` holds what changes the trained weights (settings without the speed-only ones and
+    without max_steps/epochs, the content digests of the data and the starting model). The same
+    identity resumes its own checkpoints, so a killed run re-run with the same config continues
+    and a larger max_steps carries on; any other change gets another folder and starts at step 1.
+    Old runs are never deleted: `restart` moves this identity's folder aside to
+    `<run>.replaced-<time>` (and says so) and starts over. A folder of this name whose recorded
+    identity differs, or that records none, is refused: it is not this run's.
+    """
+    storage = Path(storage)
+    run = f"{name}-{settings_key(identity)}"
+    folder = storage / run
+    recorded = folder / IDENTITY
+    if folder.exists() and restart:
+        aside = storage / f"{run}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.rename(aside)
+        log.warning("%s: restart: the previous run of this identity was moved to %s (kept)", run, aside)
+    elif folder.exists():
+        try:
+            found = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != json.loads(json.dumps(identity, default=str)):
+            raise OutputError(
+                f"{folder} holds a training run of another or unknown identity ({recorded}); nothing was "
+                "deleted: give another `run_name` or `storage`"
+            )
+        log.info("%s: resuming this identity's run from its latest checkpoint in %s", run, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not recorded.is_file():
+        log.info("%s: a new run (identity in %s)", run, recorded)
+        tmp = folder / f"{IDENTITY}.tmp"
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, recorded)
+    return run

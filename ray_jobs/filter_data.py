@@ -63,6 +63,10 @@ class FilterSettings(StrictModel):
     batch_size: int = 1024  # rows per Ray Data batch for parsing and tokenizing
 
 
+# Settings that change only how fast the stage runs, never its output: left out of cache keys.
+SPEED_ONLY = ("batch_size",)  # rows are parsed, checked and tokenized one at a time
+
+
 class FilterStageConfig(FilterSettings):
     """The filtering stage: what to read, where to write, and the settings."""
 

@@ -47,6 +47,12 @@ class GenerationSettings(StrictModel):
     seed: int = 0
 
 
+# Settings that change only how fast generation runs, never its text: left out of cache keys. Not
+# batch_size (sampling is seeded per generate call, so which prompts share a batch decides the
+# tokens) nor gpus_per_actor (GPUs generate in bfloat16).
+SPEED_ONLY = ("actors", "cpus_per_actor")
+
+
 class Generator:
     """Ray Data callable class: one model per actor; a batch of requests in, responses out."""
 

@@ -11,19 +11,21 @@ generator writes its own answers to everyday questions in several styles, the AP
 (relabel) and AC-SFT trains on them, conditioned on the APM's attributes: SteerLM's bootstrapping
 shape, which keeps the model answering as it did. Without it, relabel labels the filter's training
 split and generate_answers is off. Each runs as a nested MLflow run under one parent run. Each stage's
-output folder is `runs_dir/<stage>-<key>`, where the key hashes the stage's settings and the keys
-of its inputs, so a changed SFT setting gives train_sft and evaluate new keys and nothing else.
-A stage whose output is complete (its record in `runs_dir/.pipeline/`) is skipped and says so;
-`runs_dir/filtered`, `apm`, `relabelled`, `sft` and `eval` link to the current outputs. `--from`
-starts at a stage (the earlier ones must be complete), `--until` stops after one, and
-`force=true` reruns complete stages in that range.
+output folder is `runs_dir/<stage>-<key>`, where the key hashes the settings that change the
+stage's result (not those that only change its speed), the content of what it reads (data files
+by their bytes, an earlier stage by its key) and the package version (`_Plan`), so a changed SFT
+setting gives train_sft and evaluate new keys and nothing else, and a data file edited in place
+reruns everything. A stage whose output is complete (its record in `runs_dir/.pipeline/`) is
+skipped and says so; one that reruns says which inputs changed. `runs_dir/filtered`, `apm`,
+`relabelled`, `sft` and `eval` link to the current outputs. `--from` starts at a stage (the earlier
+ones must be complete), `--until` stops after one, and `force=true` reruns the stages in that range
+from scratch: training from step 1 (the old run moved aside, kept), relabel predicting every part.
 A summary table closes the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +41,14 @@ from rich.console import Console
 from rich.table import Table
 
 from helpsteer_core.config import ConfigError, StrictModel, resolve_path
+from helpsteer_core.fingerprints import (
+    code_version,
+    model_fingerprint,
+    result_settings,
+    settings_key,
+    source_fingerprint,
+)
+from helpsteer_core.outputs import TRAINING_SPEED_ONLY
 from helpsteer_core.prompt_files import read_prompt_file
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
 from ray_jobs import evaluate as evaluate_stage
@@ -48,6 +58,7 @@ from ray_jobs import relabel as relabel_stage
 from ray_jobs import train_apm as train_apm_stage
 from ray_jobs import train_sft as train_sft_stage
 from ray_jobs.console import console_out, log_file
+from ray_jobs.generation import SPEED_ONLY as GENERATION_SPEED_ONLY
 from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
@@ -92,51 +103,119 @@ class PipelineConfig(StrictModel):
     force: bool = False  # rerun stages in range even when their output is complete
 
 
-def _key(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
 class _Plan:
-    """Where each stage's output goes, keyed by its settings and its inputs' keys."""
+    """Where each stage's output goes: `runs/<stage>-<key>`, the key a hash of the stage's inputs.
+
+    A stage's inputs (kept in `.pipeline/<stage>-<key>.inputs.json` to say what changed when it
+    reruns) are: the settings that change its result (each stage module's SPEED_ONLY fields and the
+    training stages' TRAINING_SPEED_ONLY are left out), the content of what it reads (a data
+    source by content digest or datasets' fingerprint, a model folder by its files, an earlier
+    stage by that stage's key), and the package version. train_sft's key covers what its examples
+    are built from (prompt, response, the attributes chosen for each row, read from relabel's
+    output), so an APM change whose labels SFT does not use reruns no SFT; it, and evaluate's, are
+    known once relabel's output is.
+    """
 
     def __init__(self, config: PipelineConfig, runs: Path, data: str) -> None:
-        dump = {name: getattr(config, name).model_dump(mode="json") for name in ("filter", "apm", "relabel")}
-        dump |= {
-            "sft": config.sft.model_dump(mode="json"),
-            "evaluate": config.evaluate.model_dump(mode="json"),
-        }
-        self.keys: dict[str, str] = {}
-        self.keys["filter"] = _key(data, dump["filter"])
-        self.keys["train_apm"] = _key(self.keys["filter"], dump["apm"])
-        if config.answers is not None:
-            written_by = {"generator": config.sft.generator, "examples": dump["sft"]["examples"]}
-            self.keys["generate_answers"] = _key(config.answers.model_dump(mode="json"), written_by)
+        self.config, self.runs = config, runs
         self.answers = config.answers is not None
-        relabelled = self.keys["generate_answers"] if self.answers else self.keys["filter"]
-        self.keys["relabel"] = _key(self.keys["train_apm"], dump["relabel"], relabelled)
-        self.keys["train_sft"] = _key(self.keys["relabel"], self.keys["filter"], dump["sft"])
-        self.keys["evaluate"] = _key(self.keys["train_sft"], self.keys["train_apm"], dump["evaluate"])
-        self.runs = runs
+        self.inputs: dict[str, dict[str, Any]] = {}
+        code = code_version()
+        self.inputs["filter"] = {
+            "data": source_fingerprint(data, config.filter.hf_split),
+            "settings": result_settings(config.filter, filter_data.SPEED_ONLY),
+            "code": code,
+        }
+        self.inputs["train_apm"] = {
+            "filter": self.key("filter"),
+            "settings": result_settings(config.apm, TRAINING_SPEED_ONLY),
+            "backbone": model_fingerprint(config.apm.apm.backbone),
+            "code": code,
+        }
+        if config.answers is not None:
+            self.inputs["generate_answers"] = {
+                "settings": result_settings(config.answers, GENERATION_SPEED_ONLY),
+                "generator": model_fingerprint(config.sft.generator),
+                "examples": config.sft.examples.model_dump(mode="json"),
+                "code": code,
+            }
+        relabelled = "generate_answers" if self.answers else "filter"
+        self.inputs["relabel"] = {
+            "apm": self.key("train_apm"),
+            relabelled: self.key(relabelled),
+            "settings": result_settings(config.relabel, relabel_stage.SPEED_ONLY),
+            "code": code,
+        }
+
+    def _late_inputs(self, stage: str) -> dict[str, Any] | None:
+        """train_sft's and evaluate's inputs, once relabel's output is complete (else None)."""
+        config, code = self.config, code_version()
+        if stage == "train_sft":
+            if self.complete("relabel") is None:
+                return None
+            return {
+                "examples": train_sft_stage.examples_fingerprint(config.sft, self.out("relabel")),
+                "validation": None if self.answers else self.key("filter"),
+                "settings": result_settings(config.sft, TRAINING_SPEED_ONLY),
+                "generator": model_fingerprint(config.sft.generator),
+                "code": code,
+            }
+        sft = self.key("train_sft")
+        if sft is None:
+            return None
+        prompt_files = [*config.evaluate.real_prompts, *filter(None, [config.evaluate.mt_bench])]
+        return {
+            "sft": sft,
+            "apm": self.key("train_apm"),
+            "filter": self.key("filter"),  # the validation split it measures on
+            "prompt_files": {name: source_fingerprint(name) for name in prompt_files},
+            "settings": result_settings(config.evaluate, GENERATION_SPEED_ONLY),
+            "code": code,
+        }
 
     def used(self, stage: str) -> bool:
-        return stage in self.keys
+        return stage != "generate_answers" or self.answers
+
+    def key(self, stage: str) -> str | None:
+        """The stage's key; None for train_sft and evaluate until relabel's output is complete."""
+        if stage not in self.inputs:
+            late = self._late_inputs(stage) if stage in ("train_sft", "evaluate") else None
+            if late is None:
+                return None
+            self.inputs[stage] = late
+        return settings_key(self.inputs[stage])
 
     def out(self, stage: str) -> Path:
-        return self.runs / f"{stage}-{self.keys[stage]}"
+        key = self.key(stage)
+        if key is None:
+            raise ConfigError(f"{stage}: its inputs are not complete yet (run relabel first)")
+        return self.runs / f"{stage}-{key}"
 
     def record(self, stage: str) -> Path:
-        return self.runs / RECORDS / f"{stage}-{self.keys[stage]}.json"
+        return self.runs / RECORDS / f"{self.out(stage).name}.json"
 
     def complete(self, stage: str) -> dict[str, Any] | None:
+        if self.key(stage) is None:
+            return None
         record = self.record(stage)
         if record.is_file() and self.out(stage).exists():
             return dict(json.loads(record.read_text()))
         return None
 
+    def changed(self, stage: str) -> list[str]:
+        """Which inputs differ from those of the stage's current output (runs/<link>), if any."""
+        link = self.runs / LINKS[stage]
+        try:
+            before = json.loads((self.runs / RECORDS / f"{link.readlink().name}.inputs.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return _differences(before, self.inputs.get(stage, {}))
+
     def finish(self, stage: str, summary: dict[str, Any]) -> None:
         record = self.record(stage)
         record.parent.mkdir(parents=True, exist_ok=True)
+        inputs = json.dumps(self.inputs[stage], indent=2, sort_keys=True, default=str)
+        record.with_suffix(".inputs.json").write_text(inputs + "\n")
         record.write_text(json.dumps(summary, indent=2, default=str) + "\n")
         link = self.runs / LINKS[stage]
         if link.is_symlink() or not link.exists():  # never replaces a real folder
@@ -144,6 +223,16 @@ class _Plan:
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(self.out(stage).name)
             os.replace(tmp, link)
+
+
+def _differences(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two inputs records ("settings.lr", "data")."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = []
+        for name in sorted(set(before) | set(after)):
+            found += _differences(before.get(name), after.get(name), f"{prefix}{name}.")
+        return found
+    return [] if before == after else [prefix.rstrip(".")]
 
 
 def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
@@ -201,14 +290,16 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
                 mlflow.set_tag(f"skipped.{stage}", str(plan.out(stage)))
                 summary[stage], status[stage] = done, "skipped (complete)"
                 continue
-            log.info("pipeline: running %s -> %s", stage, plan.out(stage))
+            changed = plan.changed(stage)
+            because = f" (changed: {', '.join(changed)})" if changed else ""
+            log.info("pipeline: running %s -> %s%s", stage, plan.out(stage), because)
             if on_stage is not None:
                 on_stage(stage)
             started = time.perf_counter()
             summary[stage] = stages[stage]() | {"wall_s": round(time.perf_counter() - started, 1)}
             mlflow.log_metric(f"wall_s.{stage}", summary[stage]["wall_s"])
             plan.finish(stage, summary[stage])
-            status[stage] = "ran"
+            status[stage] = f"ran{because}"
         mlflow.log_dict(summary, "pipeline_summary.json")
     _print_summary(summary, status, plan)
     return summary
@@ -233,7 +324,10 @@ def _train_apm(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) ->
             "data": str(plan.out("filter")),
             "out": str(plan.out("train_apm")),
             "storage": str(plan.runs / "ray_train"),
-            "run_name": f"apm-{plan.keys['train_apm']}",  # an interrupted pipeline resumes its own run
+            # The stage keys its run by identity: an interrupted pipeline resumes its own run, a
+            # larger apm.max_steps continues it, and force starts it over (the old run kept aside).
+            "run_name": "apm",
+            "restart": config.force,
             "tracking": tracking.model_dump(),
         }
     )
@@ -264,6 +358,7 @@ def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> d
             "apm": str(plan.out("train_apm")),
             "data": str(data),
             "out": str(plan.out("relabel")),
+            "restart": config.force,  # force re-predicts every part, not only the missing ones
             "tracking": tracking.model_dump(),
         }
     )
@@ -280,7 +375,8 @@ def _train_sft(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) ->
             "validation": None if plan.answers else str(plan.out("filter") / "validation"),
             "out": str(plan.out("train_sft")),
             "storage": str(plan.runs / "ray_train"),
-            "run_name": f"sft-{plan.keys['train_sft']}",
+            "run_name": "sft",
+            "restart": config.force,
             "tracking": tracking.model_dump(),
         }
     )
@@ -312,7 +408,8 @@ def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan)
             table.add_row(stage, status.get(stage, "not run"), "", "", "")
             continue
         wall = summary[stage].get("wall_s")
-        took = "" if wall is None else f"{wall:.0f} s" if status[stage] == "ran" else f"(ran in {wall:.0f} s)"
+        ran = status[stage].startswith("ran")
+        took = "" if wall is None else f"{wall:.0f} s" if ran else f"(ran in {wall:.0f} s)"
         table.add_row(stage, status[stage], took, _result(stage, summary[stage]), str(plan.out(stage)))
     console = Console(file=console_out())  # the terminal, also while Ray's output goes to the log
     console.print(table)

@@ -13,7 +13,9 @@ clipped to 0-4) are added, with `apm_model` and `apm_schema` for provenance. Hum
 never overwritten. A row with no usable prompt or response (missing, null, not a string, empty)
 is not predicted: it goes to `out/rejects/part-NNNNNN.jsonl` with its file, line, field and
 reason, and input rows = output rows + rejected rows. A re-run after an interruption skips the
-parts already written, so every input row ends up in exactly one output or reject row.
+parts already written, so every input row ends up in exactly one output or reject row;
+`restart=true` (the pipeline's force) re-predicts every part into a staging folder and publishes it
+when complete.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from pydantic import Field
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.fingerprints import file_digest
 from helpsteer_core.metrics import round_clip
-from helpsteer_core.outputs import OutputError, mark_output
+from helpsteer_core.outputs import OutputError, mark_output, prepare_output, publish
 from helpsteer_core.readers import (
     HF_PREFIX,
     SourceError,
@@ -72,12 +75,21 @@ class RelabelSettings(StrictModel):
     hf_split: str = "train"
 
 
+# Settings that change only how fast relabelling runs: left out of cache keys. The pool's size and
+# devices, and the token budget that groups rows into forward passes (padding is masked; the
+# predictions agree to float rounding). Not rows_per_unit: it cuts the output into its parts.
+SPEED_ONLY = ("actors", "cpus_per_actor", "gpus_per_actor", "max_tokens")
+
+
 class RelabelConfig(RelabelSettings):
     """The relabel stage."""
 
     apm: str  # a trained APM folder (train_apm's `out`)
     data: str  # any reader source; the filter stage's train/ or validation/ folder, say
     out: str  # folder of Parquet parts; an interrupted run continues where it stopped
+    # Re-predict every part: into a staging folder, published when complete (the old output stays
+    # intact until then), instead of continuing the parts already in `out`.
+    restart: bool = False
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -181,13 +193,11 @@ def part_name(index: int) -> str:
 
 
 def _model_id(apm: Path) -> str:
-    """The APM folder and a hash of its weights: which model labelled a row, exactly."""
+    """The APM folder and a hash of all its weight files' bytes: which model labelled a row,
+    exactly. Each file's digest is cached by size and mtime (helpsteer_core.fingerprints)."""
     digest = hashlib.sha256()
     for file in sorted(apm.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        digest.update(str(file.stat().st_size).encode())
-        with file.open("rb") as fh:
-            digest.update(fh.read(1 << 20))  # the first MiB: the header names every tensor
+        digest.update(f"{file.name}\0{file_digest(file, cached=True)}\n".encode())
     return f"{apm}@{digest.hexdigest()[:12]}"
 
 
@@ -223,6 +233,7 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         "units": [u.to_dict() for u in units],
         "schema": SCHEMA.id,
     }
+    final, out = out, prepare_output(out, "relabel") if config.restart else out
     _check_manifest(out, manifest)
     pending = [u for u in units if not (out / part_name(u.index)).is_file()]
     log.info(
@@ -235,7 +246,7 @@ def run(config: RelabelConfig) -> dict[str, Any]:
     )
     ensure_ray()
     quiet_ray_data()
-    resolved = config.model_copy(update={"apm": str(apm), "data": source, "out": str(out)})
+    resolved = config.model_copy(update={"apm": str(apm), "data": source, "out": str(final)})
     (out / "config.yaml").write_text(dump_config(resolved))
     with stage_run("relabel", resolved, config.tracking, SCHEMA, {"apm": str(apm)}) as tracked:
         done: list[dict[str, Any]] = []
@@ -283,6 +294,8 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         }
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         SCHEMA.save(out)
+        if out != final and stats["reconciles"]:
+            out = publish(out, final, "relabel")
         tracked.log_metrics(stats)
         tracked.log_outputs({"stats.json": out / "stats.json", "out": out})
     if not stats["reconciles"]:

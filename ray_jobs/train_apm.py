@@ -8,7 +8,11 @@
 `data` is the filter stage's output (train/ and validation/ Parquet). A `TorchTrainer` runs
 `num_workers` data-parallel workers (DDP; gloo on CPU, NCCL on GPU). Every `checkpoint_every`
 steps rank 0 writes a checkpoint (the model as a Hugging Face folder plus optimizer state) through
-`ray.train.report`; re-running with the same `run_name` and `storage` resumes from the latest one.
+`ray.train.report` into `storage/<run_name>-<identity>`: the identity hashes what changes the
+weights (settings but the speed-only ones and max_steps/epochs, the training split's and the
+backbone's content). Re-running the same config resumes from the latest checkpoint (a larger
+`max_steps` continues); any other change starts a new run at step 1; `restart=true` starts over,
+moving the old run aside.
 Every `eval_every` steps rank 0 scores the validation split. The final model is exported to `out`,
 evaluated (metrics.json, predictions.png) and registered in MLflow as `helpsteer-apm`.
 """
@@ -49,9 +53,17 @@ from helpsteer_core.apm import (
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
+from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
 from helpsteer_core.model_sources import resolve_model_path
-from helpsteer_core.outputs import prepare_output, publish
+from helpsteer_core.outputs import (
+    CONTINUES,
+    PLACES,
+    TRAINING_SPEED_ONLY,
+    prepare_output,
+    publish,
+    training_run,
+)
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
@@ -110,9 +122,23 @@ class TrainAPMConfig(TrainAPMSettings):
 
     data: str  # the filter stage's output folder
     out: str  # the trained model (Hugging Face folder); replaced when the stage succeeds
-    run_name: str = "apm"  # Ray Train run name: the same name and storage resume
+    # Ray Train runs go to storage/<run_name>-<identity hash>: the same config resumes its own run.
+    run_name: str = "apm"
+    restart: bool = False  # start at step 1; this identity's old run is moved aside (kept), not resumed
     storage: str = "runs/ray_train"  # Ray Train storage path (shared storage on a cluster)
     tracking: TrackingConfig = TrackingConfig()
+
+
+def run_identity(config: TrainAPMConfig) -> dict[str, Any]:
+    """What the trained weights depend on (a resolved config): the settings less the speed-only
+    ones and max_steps/epochs, the training split's content and the backbone's."""
+    settings = result_settings(config, (*TRAINING_SPEED_ONLY, *CONTINUES, *PLACES, "apm.backbone"))
+    return {
+        "stage": "train_apm",
+        "settings": settings,
+        "data": folder_digest(Path(config.data) / "train", "*.parquet"),
+        "backbone": model_fingerprint(resolve_model_path(config.apm.backbone)),
+    }
 
 
 def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
@@ -347,15 +373,21 @@ def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None
 
 
 def _evaluate(
-    model_dir: Path, rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], out: Path, data: str
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    train_rows: list[dict[str, Any]],
+    out: Path,
+    data: str,
+    name: Path | None = None,
 ) -> dict[str, Any]:
+    """`name`: the folder the model is published to, when it is evaluated in its staging folder."""
     model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA)
     pred = predict(model, model.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
     human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
     train_human, train_mask = (t.numpy() for t in targets_from_rows(train_rows, SCHEMA))
     metrics = attribute_metrics(pred, human, mask, label_means(train_human, train_mask), SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": len(rows), "data": data, "model": str(model_dir), "attributes": metrics}
+    report = {"rows": len(rows), "data": data, "model": str(name or model_dir), "attributes": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_predictions(pred, human, mask, SCHEMA, out / "predictions.png")
     return report
@@ -368,6 +400,9 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         parquet_files(data / split, "the filter stage")  # fail before Ray starts if the data is missing
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
+    resolved = resolved.model_copy(
+        update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
+    )
     ensure_ray()
     with stage_run("train_apm", resolved, config.tracking, SCHEMA) as tracked:
         result = fit_trainer(
@@ -377,7 +412,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
                 "run_id": tracked.run_id,
                 "tracking_uri": config.tracking.uri(),
             },
-            config,
+            resolved,
             storage,
             "APM training",
         )
@@ -398,6 +433,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
             train_rows,
             staging / "evaluation",
             str(data / "validation"),
+            name=out,  # the published folder: the staging path is gone once published
         )
         publish(staging, out, "train_apm")
         summary = {

@@ -18,16 +18,21 @@ The logged `loss` is the mean over the batch's trained tokens.
 
 Every `checkpoint_every` steps every rank writes its shards with DeepSpeed's own
 `save_checkpoint`, and all of them go into one Ray Train checkpoint through `ray.train.report`.
-Re-running with the same `run_name` and `storage` resumes from the latest one, and
-`FailureConfig(max_failures)` restarts a lost worker group from it. The last checkpoint also holds
-the model exported as a Hugging Face folder (consolidated weights in `export_dtype`, tokenizer,
-attribute schema, config); the stage copies it to `out` and registers it in MLflow as
-`helpsteer-generator`. Loss, learning rate, gradient norm and tokens/s go to MLflow from rank 0.
+The run lives in `storage/<run_name>-<identity>`, the identity hashing what changes the weights
+(settings but the speed-only ones and max_steps/epochs, the data's and the generator's content):
+re-running the same config resumes from the latest checkpoint (a larger `max_steps` continues),
+any other change starts a new run at step 1, and `restart=true` starts over, moving the old run
+aside. `FailureConfig(max_failures)` restarts a lost worker group from the latest checkpoint.
+The last checkpoint also holds the model exported as a Hugging Face folder (consolidated weights
+in `export_dtype`, tokenizer, attribute schema, config); the stage copies it to `out` and
+registers it in MLflow as `helpsteer-generator`. Loss, learning rate, gradient norm and tokens/s
+go to MLflow from rank 0.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -48,6 +53,7 @@ from ray.train import Checkpoint
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
+from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
 from helpsteer_core.generator import (
     SMOLLM2,
     keeps_logits,
@@ -55,12 +61,20 @@ from helpsteer_core.generator import (
     resolve_generator,
     train_top_layers,
 )
-from helpsteer_core.outputs import prepare_output, publish
+from helpsteer_core.outputs import (
+    CONTINUES,
+    PLACES,
+    TRAINING_SPEED_ONLY,
+    prepare_output,
+    publish,
+    training_run,
+)
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
     SFTDataConfig,
     SFTStats,
+    choose_attributes,
     collate_sft,
     examples_from_rows,
     pack_examples,
@@ -152,9 +166,37 @@ class TrainSFTConfig(TrainSFTSettings):
     data: str  # Parquet folder of training rows (relabel output or a filter split)
     validation: str | None = None  # Parquet folder for the validation loss (e.g. runs/filtered/validation)
     out: str  # the fine-tuned generator (Hugging Face folder); replaced when the stage succeeds
-    run_name: str = "sft"  # Ray Train run name: the same name and storage resume
+    # Ray Train runs go to storage/<run_name>-<identity hash>: the same config resumes its own run.
+    run_name: str = "sft"
+    restart: bool = False  # start at step 1; this identity's old run is moved aside (kept), not resumed
     storage: str = "runs/ray_train"  # Ray Train storage path (shared storage on a cluster)
     tracking: TrackingConfig = TrackingConfig()
+
+
+def run_identity(config: TrainSFTConfig) -> dict[str, Any]:
+    """What the trained weights depend on (a resolved config): the settings less the speed-only
+    ones and max_steps/epochs, the training rows' content and the starting model's."""
+    settings = result_settings(config, (*TRAINING_SPEED_ONLY, *CONTINUES, *PLACES, "generator"))
+    return {
+        "stage": "train_sft",
+        "settings": settings,
+        "data": folder_digest(config.data, "*.parquet"),
+        "generator": model_fingerprint(config.generator),
+    }
+
+
+def examples_fingerprint(settings: TrainSFTSettings, data: Path) -> str:
+    """sha256 of what AC-SFT's examples are built from: each row's prompt, response and the
+    attributes chosen for it (source, quantile levels, fixed values). Columns it does not read (the
+    APM's predictions under prefer_human when every row has human labels) do not count."""
+    rows = read_parquet_rows(data)
+    source = settings.attribute_source
+    levels = quantile_levels(rows, SCHEMA) if source == "apm_quantile" else None
+    digest = hashlib.sha256()
+    for row in rows:
+        chosen = choose_attributes(row, SCHEMA, source, levels) | settings.fixed_attributes
+        digest.update(json.dumps([row["prompt"], row["response"], chosen], default=str).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def attribute_levels(config: TrainSFTConfig) -> dict[str, list[float]] | None:
@@ -435,6 +477,9 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
         width,
         total,
     )
+    resolved = resolved.model_copy(
+        update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
+    )
     ensure_ray()
     with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
         tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
@@ -445,7 +490,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
                 "run_id": tracked.run_id,
                 "tracking_uri": config.tracking.uri(),
             },
-            config,
+            resolved,
             storage,
             "SFT",
         )
@@ -462,7 +507,14 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
         tracked.log_outputs({"model": out})
         tracked.register_folder(REGISTERED_NAME, out, "HelpSteer attribute-conditioned generator", SCHEMA.id)
     log.info("sft: saved to %s; final metrics %s", out, json.dumps(final))
-    return {"out": str(out), "steps": total, "global_batch_rows": width, "data": vars(stats), "final": final}
+    return {
+        "out": str(out),
+        "run": str(storage / resolved.run_name),
+        "steps": total,
+        "global_batch_rows": width,
+        "data": vars(stats),
+        "final": final,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

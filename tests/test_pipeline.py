@@ -15,7 +15,7 @@ import pytest
 from helpsteer_core.config import load_config
 from ray_jobs.pipeline import RECORDS as RECORDS_FOLDER
 from ray_jobs.pipeline import PipelineConfig, main, run
-from ray_jobs.tracking import TrackingConfig
+from ray_jobs.tracking import TrackingConfig, runs_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,14 @@ def _stage_runs(runs: Path) -> list[list[str]]:
     ]
 
 
+def _loss_steps(runs: Path) -> list[int]:
+    """The steps of the latest train_sft run's loss history."""
+    tracking = TrackingConfig(runs_dir=str(runs))
+    latest = runs_for(tracking, "train_sft")[0]
+    history = mlflow.MlflowClient(tracking.uri()).get_metric_history(latest.info.run_id, "loss")
+    return sorted(m.step for m in history)
+
+
 @pytest.fixture(scope="module")
 def first_run(ray_head, tiny_backbone, tiny_generator, tmp_path_factory):
     runs = tmp_path_factory.mktemp("pipeline") / "runs"
@@ -106,10 +114,22 @@ def test_second_run_skips_every_stage_and_a_changed_sft_setting_reruns_only_sft_
     assert again == json.loads(json.dumps(first, default=str))
     assert _stage_runs(runs)[-1] == []  # every stage skipped: no nested run
 
+    # Settings that only change speed are in no key: nothing reruns.
+    speed = [
+        *overrides,
+        "relabel.actors=1",
+        "sft.checkpoint_every=1",
+        "apm.checkpoint_every=1",
+        "filter.batch_size=7",
+    ]
+    assert run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", speed)) == again
+    assert _stage_runs(runs)[-1] == []
+
     changed = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, "sft.lr=5e-4"]))
     assert _stage_runs(runs)[-1] == ["evaluate", "train_sft"]
     assert changed["filter"] == again["filter"] and changed["train_apm"] == again["train_apm"]
     assert changed["train_sft"]["out"] != first["train_sft"]["out"]
+    assert _loss_steps(runs) == [1, 2, 3]  # a new run under its own identity, not the old one resumed
 
 
 def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
@@ -119,6 +139,15 @@ def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
         main(["--config", profile, "--from", "relabel", "--until", "relabel", *overrides, "force=true"]) == 0
     )
     assert _stage_runs(runs)[-1] == ["relabel"]
+    stats = json.loads((runs / "relabelled" / "stats.json").read_text())
+    assert stats["units_skipped_as_done"] == 0 and stats["rows_relabelled_now"] == stats["output_rows"]
+    # force retrains: the loss history starts at step 1 again (not the finished run re-exported).
+    assert (
+        main(["--config", profile, "--from", "train_sft", "--until", "train_sft", *overrides, "force=true"])
+        == 0
+    )
+    assert _stage_runs(runs)[-1] == ["train_sft"]
+    assert _loss_steps(runs) == [1, 2, 3]
     # --from a stage whose inputs were never made is an error that names the missing stage.
     fresh = runs.parent / "fresh"
     assert main(["--config", profile, "--from", "train_sft", *overrides, f"runs_dir={fresh}"]) == 2

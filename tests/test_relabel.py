@@ -170,3 +170,14 @@ def test_rows_without_a_usable_prompt_or_response_become_rejects_with_reasons(tr
     ]
     assert (reject["input_line"], reject["field"]) == (2, "prompt")
     assert pq.read_table(tmp_path / "out2" / "part-000000.parquet").schema.field("prompt").type == pa.string()
+
+
+def test_restart_re_predicts_every_part_and_publishes_them_whole(trained_apm, tmp_path):
+    """restart=true (the pipeline's force): every part predicted again into a staging folder, not
+    the parts on disk skipped; the finished output replaces the old one."""
+    source, out = trained_apm.data / "validation", tmp_path / "out"
+    first = run(_config(trained_apm.model, source, out, rows_per_unit=20))
+    again = run(_config(trained_apm.model, source, out, rows_per_unit=20, restart=True))
+    assert again["units_skipped_as_done"] == 0 and again["rows_relabelled_now"] == first["output_rows"]
+    assert again["reconciles"] and len(_rows(out)) == first["output_rows"]
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / ".out.previous").exists()

@@ -27,6 +27,7 @@ def test_stage_exports_an_evaluated_registered_model(trained_apm):
     assert load_trained_attributes(folder) == list(HELPSTEER_ATTRIBUTES)
 
     report = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    assert report["model"] == str(folder)  # the published folder, not the staging one
     assert set(report["attributes"]) == set(HELPSTEER_ATTRIBUTES)
     for metrics in report["attributes"].values():
         for key in ("pearson", "spearman", "mae", "rmse", "qwk", "baseline_mae", "baseline_rmse"):
@@ -69,6 +70,40 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained_apm, 
         m.step for m in mlflow.MlflowClient(tracking.uri()).get_metric_history(mlrun.info.run_id, "loss")
     ]
     assert steps == [7, 8, 9]  # steps 1-6 came from the first run's checkpoint
+
+
+def test_a_changed_lr_under_the_same_name_trains_a_new_run_from_step_1(trained_apm, tiny_backbone, tmp_path):
+    """The same run_name and storage with another lr: not the old run resumed (or re-exported) but a
+    new one, from step 1, under its own identity; the old run's checkpoints stay."""
+    config = TrainAPMConfig.model_validate(
+        {
+            "data": str(trained_apm.data),
+            "out": str(tmp_path / "apm"),
+            "apm": {"backbone": str(tiny_backbone)},
+            "num_workers": 2,
+            "batch_size": 8,
+            "max_steps": 6,
+            "eval_every": 6,
+            "checkpoint_every": 6,  # speed-only: not part of the identity
+            "lr": 3e-4,
+            "run_name": trained_apm.run_name,
+            "storage": str(trained_apm.storage),
+            "tracking": {"runs_dir": str(tmp_path / "runs")},
+        }
+    )
+    run(config)
+    tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"))
+    [mlrun] = runs_for(tracking, "train_apm")
+    history = mlflow.MlflowClient(tracking.uri()).get_metric_history(mlrun.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    runs = sorted(p.name for p in trained_apm.storage.glob(f"{trained_apm.run_name}-*"))
+    assert len(runs) == 2  # the first run's folder is kept beside the new one
+    first = AttributePredictionModel.from_pretrained(trained_apm.model, STEERLM)
+    second = AttributePredictionModel.from_pretrained(tmp_path / "apm", STEERLM)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
 
 
 def test_missing_data_fails_before_ray_work(tmp_path):

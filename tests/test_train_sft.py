@@ -109,6 +109,20 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(zero3_run):
     assert sorted(_history(Path(config.tracking.runs_dir), "loss")) == [9, 10]
 
 
+def test_a_changed_lr_into_the_same_runs_folder_trains_from_step_1_and_exports_other_weights(zero3_run):
+    """`helpsteer train-sft` again with the same out, storage and run_name but another lr: a new
+    run under its own identity, from step 1, not the finished run re-exported."""
+    config, _ = zero3_run
+    out = Path(config.out)
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        before = {name: weights.get_tensor(name) for name in weights.keys()}
+    run(config.model_copy(update={"lr": 7e-4, "checkpoint_every": 8}))
+    assert sorted(_history(Path(config.tracking.runs_dir), "loss")) == list(range(1, 9))
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert any(not torch.equal(before[name], weights.get_tensor(name)) for name in weights.keys())
+    assert len(list(Path(config.storage).glob(f"{config.run_name}-*"))) == 2  # the first run is kept
+
+
 def test_loss_does_not_depend_on_micro_batch_accumulation_or_workers(
     ray_head, synthetic_filtered, tiny_generator, tmp_path
 ):
@@ -145,6 +159,12 @@ def _registered_checkpoints(storage: Path) -> list[dict[str, Any]]:
     return json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.is_file() else []
 
 
+def _run_folder(config: TrainSFTConfig) -> Path | None:
+    """The config's Ray Train run folder, storage/<run_name>-<identity>, once it exists."""
+    found = list(Path(config.storage).glob(f"{config.run_name}-*"))
+    return found[0] if found else None
+
+
 def _train_workers() -> list[Any]:
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
@@ -165,9 +185,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    storage = Path(config.storage) / config.run_name
     deadline = time.monotonic() + 300
-    while not _registered_checkpoints(storage):  # registered, not just uploaded: a restart finds it
+    # registered, not just uploaded: a restart finds it
+    while (storage := _run_folder(config)) is None or not _registered_checkpoints(storage):
         assert job.poll() is None, job.stdout.read() if job.stdout else ""
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(1)
