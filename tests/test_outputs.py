@@ -151,5 +151,10 @@ def test_filter_with_out_dot_exits_2_naming_the_folder_and_deletes_nothing(tmp_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{tmp_path} exists and was not written by the filter stage" in done.stderr
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "notes.txt"]
+    # Nothing deleted or written into the refused folder's files; the only new entry is the
+    # stage's own log under its runs folder (runs/logs/filter_data-<time>.log), as for every stage.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "notes.txt", "runs"]
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["logs"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "runs" / "logs").iterdir()] == ["filter_data"]
     assert not (tmp_path / MARKER).exists()
