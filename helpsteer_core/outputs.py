@@ -103,7 +103,14 @@ def publish(staging: Path, out: Path, stage: str) -> Path:
         staging.rename(out)
         return out
     previous = previous_path(out)
-    shutil.rmtree(previous, ignore_errors=True)
+    if previous.exists() or previous.is_symlink():
+        # Only an earlier output of this stage, left aside by a crash, is cleared from the way.
+        if previous.is_symlink() or (read_marker(previous) or {}).get("stage") != stage:
+            raise OutputError(
+                f"{previous} is in the way and was not written by the {stage} stage; nothing was "
+                "deleted: move it and run again"
+            )
+        shutil.rmtree(previous)
     out.rename(previous)
     try:
         staging.rename(out)

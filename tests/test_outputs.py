@@ -78,6 +78,18 @@ def test_a_rerun_replaces_the_stages_own_previous_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["filtered"]  # nothing left aside
 
 
+def test_a_folder_in_the_previous_outputs_place_that_the_stage_did_not_write_is_kept(tmp_path):
+    out = tmp_path / "filtered"
+    _write_output(out, "filter", "first")
+    theirs = previous_path(out)
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("not ours")
+    with pytest.raises(OutputError, match="is in the way and was not written by the filter stage"):
+        _write_output(out, "filter", "second")
+    assert (theirs / "notes.txt").read_text() == "not ours"
+    assert (out / "result.txt").read_text() == "first"  # the old output is still the output
+
+
 def test_a_crash_after_staging_leaves_the_old_output_intact(tmp_path):
     out = tmp_path / "filtered"
     _write_output(out, "filter", "old")
