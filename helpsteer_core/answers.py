@@ -26,13 +26,17 @@ from helpsteer_core.config import ConfigError
 
 # Style name -> the instruction appended to the question ("" asks nothing). Lengths and registers
 # spread verbosity and complexity; SmolLM2-135M-Instruct follows these (shared/DESIGN.md: "one
-# short sentence" median 20 words, no instruction 134, "several paragraphs" 164).
+# short sentence" median 20 words, no instruction 134, "several paragraphs" 164). The registers'
+# Flesch-Kincaid grades, 9 questions x 10 candidate instructions at T 0.7 (docs/results.md):
+# simple 5.4, high_school 7.9, simple_terms 10.8, plain 11.6, expert 13.7.
 STYLES: dict[str, str] = {
     "one_sentence": "Answer in one short sentence.",
     "brief": "Answer briefly, in two or three sentences.",
     "plain": "",
     "detailed": "Answer in detail, in several paragraphs.",  # mostly runs past 160-256 new tokens
     "simple": "Explain it simply, as you would to a seven-year-old.",
+    "high_school": "Explain it to a high-school student.",
+    "simple_terms": "Explain it in simple terms.",
     "expert": "Answer as a specialist would, with precise technical terms.",
 }
 

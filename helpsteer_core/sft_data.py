@@ -365,6 +365,12 @@ def _present(value: Any) -> bool:
         return type(value).__name__ != "NAType"
 
 
+def _cuts(values: Sequence[float], schema: AttributeSchema) -> list[float]:
+    """The cut points that split `values` into equal-count levels over the schema's range."""
+    count = schema.high - schema.low + 1
+    return [float(c) for c in np.quantile(np.asarray(values), [k / count for k in range(1, count)])]
+
+
 def quantile_levels(
     rows: Sequence[Mapping[str, Any]], schema: AttributeSchema = STEERLM
 ) -> dict[str, list[float]]:
@@ -380,9 +386,7 @@ def quantile_levels(
     for name in schema.names:
         values = [float(r[f"apm_{name}"]) for r in rows if _present(r.get(f"apm_{name}"))]
         if values:
-            count = schema.high - schema.low + 1
-            cuts = np.quantile(np.asarray(values), [k / count for k in range(1, count)])
-            levels[name] = [float(c) for c in cuts]
+            levels[name] = _cuts(values, schema)
     if not levels:
         raise SourceError(
             "attribute source 'apm_quantile': no apm_<name> column in the rows (relabel them first)"
@@ -390,17 +394,83 @@ def quantile_levels(
     return levels
 
 
+QuantileScope = Literal["all", "prompt"]
+
+
+def apm_levels(
+    rows: Sequence[Mapping[str, Any]],
+    schema: AttributeSchema = STEERLM,
+    scope: QuantileScope = "all",
+    answer_level: Sequence[str] = (),
+) -> list[dict[str, int]]:
+    """Each row's level per attribute for `attribute_source: apm_quantile`: its APM prediction
+    ranked into equal-count levels (`quantile_levels`' cut points) among the rows of its scope.
+
+    scope "all" ranks over every row; "prompt" over the rows of the same prompt, so that the levels
+    say how one prompt's answers differ (shorter, simpler) without the spread between prompts (a
+    question about tax law reads as more complex than one about pets in every register).
+    `answer_level` names attributes that belong to a whole answer rather than to where it stops:
+    they are ranked over whole answers only (`first_sentences` None) and each shorter version
+    (`helpsteer_core.answers.shorter_rows`) takes its whole answer's level, found by prompt and
+    `style`. A version cut to one sentence keeps its answer's register.
+    """
+    unknown = [n for n in answer_level if n not in schema.names]
+    if unknown:
+        raise ConfigError(f"answer_level: {unknown}; allowed: {', '.join(schema.names)}")
+    if answer_level and rows and not {"first_sentences", "style"} <= set(rows[0]):
+        raise SourceError(
+            f"answer_level {list(answer_level)} needs the `first_sentences` and `style` columns of "
+            "generate_answers' rows; these rows have none (use answer_level: [] for other data)"
+        )
+    quantile_levels(rows, schema)  # raises when no row has a prediction
+    groups: dict[Any, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row["prompt"] if scope == "prompt" else None, []).append(index)
+    chosen: list[dict[str, int]] = [{} for _ in rows]
+    whole: dict[tuple[str, str], int] = {}
+    for index, row in enumerate(rows):
+        if answer_level and row.get("first_sentences") is None:
+            whole[(row["prompt"], row["style"])] = index
+    for members in groups.values():
+        for name in schema.names:
+            column = f"apm_{name}"
+            pool = [
+                i
+                for i in members
+                if _present(rows[i].get(column))
+                and (name not in answer_level or rows[i].get("first_sentences") is None)
+            ]
+            if not pool:
+                continue
+            cuts = _cuts([float(rows[i][column]) for i in pool], schema)
+            for i in pool:
+                chosen[i][name] = schema.low + bisect.bisect_right(cuts, float(rows[i][column]))
+    for index, row in enumerate(rows):
+        if not answer_level or row.get("first_sentences") is None:
+            continue
+        answer = whole.get((row["prompt"], row["style"]))
+        if answer is None:
+            raise SourceError(
+                f"row {index}: a shorter version (first_sentences {row['first_sentences']}) whose "
+                f"whole answer (same prompt, style {row['style']!r}) is not among the rows"
+            )
+        for name in answer_level:
+            if name in chosen[answer]:
+                chosen[index][name] = chosen[answer][name]
+    return chosen
+
+
 def choose_attributes(
     row: Mapping[str, Any],
     schema: AttributeSchema = STEERLM,
     source: AttributeSource = "prefer_human",
-    levels: Mapping[str, Sequence[float]] | None = None,
+    levels: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """The attribute values one row is conditioned on, per attribute of `schema`.
 
     human: the `{name}` columns; apm: the APM's rounded `apm_{name}_int` columns (relabel output);
-    prefer_human: the human value where present, else the APM's; apm_quantile: the level of the
-    APM's `apm_{name}` float among the cut points `levels` (`quantile_levels` of the training rows).
+    prefer_human: the human value where present, else the APM's; apm_quantile: the row's `levels`
+    (its entry of `apm_levels` over the training rows).
     Missing values (None, NaN) are left out; every value is checked against the schema, never
     clamped.
     """
@@ -408,12 +478,8 @@ def choose_attributes(
         raise ConfigError(f"attribute source {source!r}; allowed: human, apm, prefer_human, apm_quantile")
     if source == "apm_quantile":
         if levels is None:
-            raise ConfigError("attribute source 'apm_quantile' needs the cut points (quantile_levels)")
-        return {
-            name: schema.low + bisect.bisect_right(cuts, float(row[f"apm_{name}"]))
-            for name, cuts in levels.items()
-            if _present(row.get(f"apm_{name}"))
-        }
+            raise ConfigError("attribute source 'apm_quantile' needs the row's levels (apm_levels)")
+        return {name: schema.check_value(name, value) for name, value in levels.items()}
     chosen: dict[str, int] = {}
     for name in schema.names:
         human, apm = name, f"apm_{name}_int"
@@ -434,7 +500,7 @@ def examples_from_rows(
     schema: AttributeSchema = STEERLM,
     attribute_source: AttributeSource = "prefer_human",
     stats: SFTStats | None = None,
-    levels: Mapping[str, Sequence[float]] | None = None,
+    levels: Sequence[Mapping[str, int]] | None = None,
     fixed: Mapping[str, int] | None = None,
 ) -> list[dict[str, list[int]]]:
     """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
@@ -444,10 +510,14 @@ def examples_from_rows(
     A row with no attribute value from that source is an error naming the row, not an
     unconditioned example: it means the wrong source or unrelabelled data. `fixed` values replace
     the source's for their attributes in every row (checked against the schema by the caller).
+    `levels`: for apm_quantile, each row's levels (`apm_levels` of these rows).
     """
+    if levels is not None and len(levels) != len(rows):
+        raise ValueError(f"levels for {len(levels)} rows, but {len(rows)} rows")
     examples = []
     for index, row in enumerate(rows):
-        attributes = choose_attributes(row, schema, attribute_source, levels) | dict(fixed or {})
+        row_levels = None if levels is None else levels[index]
+        attributes = choose_attributes(row, schema, attribute_source, row_levels) | dict(fixed or {})
         if not attributes:
             raise SourceError(
                 f"row {index}: no attribute values from source {attribute_source!r} (columns "
@@ -566,6 +636,7 @@ __all__ = [
     "SFTDataConfig",
     "SFTStats",
     "build_example",
+    "apm_levels",
     "choose_attributes",
     "collate_sft",
     "end_of_turn_id",

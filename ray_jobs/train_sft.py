@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,8 +72,10 @@ from helpsteer_core.outputs import (
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
+    QuantileScope,
     SFTDataConfig,
     SFTStats,
+    apm_levels,
     choose_attributes,
     collate_sft,
     examples_from_rows,
@@ -105,8 +107,8 @@ from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 log = logging.getLogger("helpsteer.train_sft")
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
-# apm_quantile's cut points beside the model: level k of an attribute is the APM's prediction
-# between cut k-1 and cut k on the training rows.
+# How apm_quantile's levels were made, beside the model: the scope, the answer-level attributes,
+# the cut points over all training rows (scope all) and the rows per level.
 LEVELS_FILE = "attribute_levels.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -125,6 +127,13 @@ class TrainSFTSettings(StrictModel):
     # scoring real answers' helpfulness), e.g. {helpfulness: 4, correctness: 4, coherence: 4}.
     # Noise labels make the attribute line a per-row key to memorise instead of a knob to learn.
     fixed_attributes: dict[str, int] = {}
+    # apm_quantile only. all: rank each prediction among every training row; prompt: among the rows
+    # of the same prompt (how one prompt's answers differ, without the spread between prompts).
+    quantile_scope: QuantileScope = "all"
+    # apm_quantile only: attributes of the whole answer, not of where it stops (a register, not a
+    # length): ranked over whole answers, and each shorter version (answers.shorter) takes its
+    # answer's level. Needs generate_answers' rows (`style`, `first_sentences`).
+    answer_level: list[str] = []
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # Train only the top N decoder layers and the final norm (null: every parameter). Backward
     # stops at the lowest trained layer, so a step costs less; on the local profile the top 15 of
@@ -158,6 +167,9 @@ class TrainSFTSettings(StrictModel):
         self.deepspeed.check_device(self.use_gpu)
         for name, value in self.fixed_attributes.items():
             SCHEMA.check_value(name, value)
+        unknown = [name for name in self.answer_level if name not in SCHEMA.names]
+        if unknown:
+            raise ConfigError(f"answer_level: {unknown}; allowed: {', '.join(SCHEMA.names)}")
 
 
 class TrainSFTConfig(TrainSFTSettings):
@@ -190,28 +202,44 @@ def examples_fingerprint(settings: TrainSFTSettings, data: Path) -> str:
     attributes chosen for it (source, quantile levels, fixed values). Columns it does not read (the
     APM's predictions under prefer_human when every row has human labels) do not count."""
     rows = read_parquet_rows(data)
-    source = settings.attribute_source
-    levels = quantile_levels(rows, SCHEMA) if source == "apm_quantile" else None
+    levels = row_levels(settings, rows)
     digest = hashlib.sha256()
-    for row in rows:
-        chosen = choose_attributes(row, SCHEMA, source, levels) | settings.fixed_attributes
+    for index, row in enumerate(rows):
+        own = None if levels is None else levels[index]
+        chosen = choose_attributes(row, SCHEMA, settings.attribute_source, own) | settings.fixed_attributes
         digest.update(json.dumps([row["prompt"], row["response"], chosen], default=str).encode() + b"\n")
     return digest.hexdigest()
 
 
-def attribute_levels(config: TrainSFTConfig) -> dict[str, list[float]] | None:
-    """The training rows' cut points for `attribute_source: apm_quantile` (None for other sources)."""
+def row_levels(settings: TrainSFTSettings, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, int]] | None:
+    """Each row's apm_quantile levels (`apm_levels` at the settings' scope; None for other sources)."""
+    if settings.attribute_source != "apm_quantile":
+        return None
+    return apm_levels(rows, SCHEMA, settings.quantile_scope, settings.answer_level)
+
+
+def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
+    """How apm_quantile leveled the training rows (None for other sources): scope, answer-level
+    attributes, the cut points over every row (scope all) and the rows at each level."""
     if config.attribute_source != "apm_quantile":
         return None
-    return quantile_levels(read_parquet_rows(Path(config.data)), SCHEMA)
+    rows = read_parquet_rows(Path(config.data))
+    levels = row_levels(config, rows) or []
+    counts = {
+        name: [sum(own.get(name) == k for own in levels) for k in range(SCHEMA.low, SCHEMA.high + 1)]
+        for name in SCHEMA.names
+        if any(name in own for own in levels)
+    }
+    return {
+        "scope": config.quantile_scope,
+        "answer_level": config.answer_level,
+        "cuts": quantile_levels(rows, SCHEMA) if config.quantile_scope == "all" else None,
+        "rows_per_level": counts,
+    }
 
 
 def build_examples(
-    config: TrainSFTConfig,
-    tokenizer: Any,
-    folder: str,
-    stats: SFTStats | None = None,
-    levels: dict[str, list[float]] | None = None,
+    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None
 ) -> list[dict[str, list[int]]]:
     """The token ids and labels of every row in `folder` (packed when `examples.pack` is set)."""
     rows = read_parquet_rows(Path(folder))
@@ -222,7 +250,7 @@ def build_examples(
         SCHEMA,
         config.attribute_source,
         stats,
-        levels,
+        row_levels(config, rows),
         config.fixed_attributes,
     )
     if config.examples.pack:
@@ -284,13 +312,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_generator_tokenizer(config.generator)
     prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
-    levels = attribute_levels(config)
-    examples = build_examples(config, tokenizer, config.data, levels=levels)
+    examples = build_examples(config, tokenizer, config.data)
     lengths = [len(e["input_ids"]) for e in examples]
     trained = [trained_token_count(e["labels"]) for e in examples]
-    validation = (
-        build_examples(config, tokenizer, config.validation, levels=levels) if config.validation else []
-    )
+    validation = build_examples(config, tokenizer, config.validation) if config.validation else []
     width, per_epoch, total = plan(config, lengths)
     # The loss divisor: the mean number of trained tokens in a global batch over the data, the same
     # for every step. Dividing each step by its own batch's count would weigh a token in a batch of
@@ -465,8 +490,8 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     prepare_tokenizer_for_template(tokenizer, None, config.examples.template)
     levels = attribute_levels(resolved)
     if levels is not None:
-        log.info("sft: APM predictions -> levels 0-4 at the training rows' quantiles %s", json.dumps(levels))
-    examples = build_examples(resolved, tokenizer, str(data), stats, levels)
+        log.info("sft: APM predictions -> levels 0-4 by quantile %s", json.dumps(levels))
+    examples = build_examples(resolved, tokenizer, str(data), stats)
     width, per_epoch, total = plan(resolved, [len(e["input_ids"]) for e in examples])
     log.info(
         "sft: %d rows -> %d examples (%d prompt-trimmed, %d response-cut); %d rows/step x %d steps",

@@ -33,6 +33,7 @@ from helpsteer_core.sft_data import (
     IGNORE_INDEX,
     SFTDataConfig,
     SFTStats,
+    apm_levels,
     build_example,
     choose_attributes,
     collate_sft,
@@ -348,7 +349,8 @@ def test_apm_quantile_ranks_bunched_predictions_into_five_equal_levels() -> None
     rows.append({"apm_verbosity": float("nan"), "apm_complexity": None})  # missing: left out
     levels = quantile_levels(rows)
     assert set(levels) == {"verbosity", "complexity"} and len(levels["verbosity"]) == 4
-    chosen = [choose_attributes(r, source="apm_quantile", levels=levels) for r in rows]
+    own = apm_levels(rows)
+    chosen = [choose_attributes(r, source="apm_quantile", levels=lv) for r, lv in zip(rows, own, strict=True)]
     assert chosen[-1] == {}
     counts = [sum(c["verbosity"] == k for c in chosen[:-1]) for k in range(5)]
     assert counts == [3, 3, 3, 3, 3]
@@ -356,10 +358,61 @@ def test_apm_quantile_ranks_bunched_predictions_into_five_equal_levels() -> None
     by_value = sorted(zip(verbosity, (c["verbosity"] for c in chosen), strict=False))
     assert [lv for _, lv in by_value] == sorted(lv for _, lv in by_value)
     assert {round(v) for v in verbosity} == {2, 3, 4}
-    with pytest.raises(ValueError, match="needs the cut points"):
+    with pytest.raises(ValueError, match="needs the row's levels"):
         choose_attributes(rows[0], source="apm_quantile")
     with pytest.raises(ValueError, match="no apm_<name> column"):
         quantile_levels([{"verbosity": 2}])
+
+
+def _answers(prompt: str, complexity: list[float]) -> list[dict[str, Any]]:
+    """One prompt's whole answers (one per style) and, per answer, a one-sentence version whose
+    APM complexity reads lower than its answer's (as an APM that mixes length into it does)."""
+    rows = []
+    for k, value in enumerate(complexity):
+        whole = {
+            "prompt": prompt,
+            "style": f"s{k}",
+            "first_sentences": None,
+            "response": f"Answer {k}. More.",
+        }
+        rows.append({**whole, "apm_complexity": value, "apm_verbosity": 3 + k / 10})
+        rows.append(
+            {
+                **whole,
+                "first_sentences": 1,
+                "response": f"A{k}.",
+                "apm_complexity": value - 1.5,
+                "apm_verbosity": 1 + k / 10,
+            }
+        )
+    return rows
+
+
+def test_apm_levels_within_prompt_and_answer_level_keep_each_answers_register() -> None:
+    # Two prompts whose APM complexities sit at different heights (a tax question reads as complex
+    # in every register): ranked within the prompt, each prompt's five registers get levels 0..4.
+    rows = _answers("tax law?", [3.0, 3.2, 3.4, 3.6, 3.8]) + _answers("pets?", [1.0, 1.2, 1.4, 1.6, 1.8])
+    pooled = apm_levels(rows, answer_level=["complexity"])
+    within = apm_levels(rows, scope="prompt", answer_level=["complexity"])
+    whole = [i for i, r in enumerate(rows) if r["first_sentences"] is None]
+    assert [within[i]["complexity"] for i in whole] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert {pooled[i]["complexity"] for i in whole[:5]} == {2, 3, 4}  # pooled: the tax answers sit high
+    # A one-sentence version keeps its whole answer's complexity level, not the lower reading.
+    for i in whole:
+        assert within[i + 1]["complexity"] == within[i]["complexity"]
+    # Without answer_level the versions are ranked with the answers and read low.
+    plain = apm_levels(rows, scope="prompt")
+    assert [plain[i + 1]["complexity"] for i in whole[:5]] == [0, 0, 1, 1, 2]
+    # Verbosity (not answer-level) is ranked over every row of the prompt: versions low, answers high.
+    assert [within[i + 1]["verbosity"] for i in whole[:5]] == [0, 0, 1, 1, 2]
+    assert [within[i]["verbosity"] for i in whole[:5]] == [2, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="answer_level: \\['register'\\]; allowed"):
+        apm_levels(rows, answer_level=["register"])
+    with pytest.raises(ValueError, match="needs the `first_sentences` and `style` columns"):
+        apm_levels([{"prompt": "p", "apm_complexity": 1.0}], answer_level=["complexity"])
+    orphan = [r for r in rows if not (r["style"] == "s0" and r["first_sentences"] is None)]
+    with pytest.raises(ValueError, match="whole answer \\(same prompt, style 's0'\\) is not among"):
+        apm_levels(orphan, scope="prompt", answer_level=["complexity"])
 
 
 def test_fixed_attributes_replace_the_sources_values_in_every_row(tok: Any) -> None:
@@ -367,7 +420,7 @@ def test_fixed_attributes_replace_the_sources_values_in_every_row(tok: Any) -> N
         {"prompt": "Hi", "response": "Hello.", "apm_helpfulness": h, "apm_verbosity": v}
         for h, v in ((0.3, 1.0), (3.9, 4.0), (2.0, 2.5))
     ]
-    levels = quantile_levels(rows)
+    levels = apm_levels(rows)
     config = SFTDataConfig(max_length=64)
     fixed = examples_from_rows(
         rows, tok, config, attribute_source="apm_quantile", levels=levels, fixed={"helpfulness": 4}
