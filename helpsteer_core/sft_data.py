@@ -429,7 +429,7 @@ def apm_levels(
     chosen: list[dict[str, int]] = [{} for _ in rows]
     whole: dict[tuple[str, str], int] = {}
     for index, row in enumerate(rows):
-        if answer_level and row.get("first_sentences") is None:
+        if answer_level and not _present(row.get("first_sentences")):
             whole[(row["prompt"], row["style"])] = index
     for members in groups.values():
         for name in schema.names:
@@ -438,7 +438,7 @@ def apm_levels(
                 i
                 for i in members
                 if _present(rows[i].get(column))
-                and (name not in answer_level or rows[i].get("first_sentences") is None)
+                and (name not in answer_level or not _present(rows[i].get("first_sentences")))
             ]
             if not pool:
                 continue
@@ -446,7 +446,7 @@ def apm_levels(
             for i in pool:
                 chosen[i][name] = schema.low + bisect.bisect_right(cuts, float(rows[i][column]))
     for index, row in enumerate(rows):
-        if not answer_level or row.get("first_sentences") is None:
+        if not answer_level or not _present(row.get("first_sentences")):
             continue
         answer = whole.get((row["prompt"], row["style"]))
         if answer is None:
