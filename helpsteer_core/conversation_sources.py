@@ -38,7 +38,7 @@ from helpsteer_core.oasst import (
     tree_from_export,
     tree_from_messages,
 )
-from helpsteer_core.readers import Shard, SourceError, iter_raw_rows
+from helpsteer_core.readers import Shard, SourceError, iter_raw_rows, resolve_source
 from helpsteer_core.records import RowError, parse_json_line, validate_row
 
 FORMATS = ("helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression")
@@ -49,9 +49,9 @@ RAW_PREVIEW = 2000  # characters of a rejected unit's text kept in the rejects f
 class ReadOptions(StrictModel):
     """How a source is read as conversations; the defaults are NeMo-Aligner's choices."""
 
-    input_format: Literal["auto", "helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression"] = (
-        "auto"
-    )
+    input_format: Literal[
+        "auto", "helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression"
+    ] = "auto"
     oasst: OasstOptions = OasstOptions()
     # HelpSteer rows: the human labels (`helpfulness`, ...) or the APM's rounded ones (`apm_<name>_int`).
     attribute_source: Literal["human", "apm"] = "human"
@@ -97,9 +97,10 @@ def detect_format(row: Mapping[str, Any], where: str) -> str:
     if {"prompt", "response"} <= keys:
         return "helpsteer"
     raise SourceError(
-        f"{where}: cannot tell the format from the keys {sorted(keys)[:12]}; expected one of: prompt+response "
-        "(helpsteer), message_tree_id+prompt (oasst-trees), message_id+parent_id (oasst-messages), "
-        "conversations (nemo-acsft), text+label (nemo-regression); or name it with input_format"
+        f"{where}: cannot tell the format from the keys {sorted(keys)[:12]}; expected one of: "
+        "prompt+response (helpsteer), message_tree_id+prompt (oasst-trees), "
+        "message_id+parent_id (oasst-messages), conversations (nemo-acsft), text+label (nemo-regression); "
+        "or name it with input_format"
     )
 
 
@@ -121,7 +122,13 @@ def source_format(shards: list[Shard], requested: str) -> str:
 
 def _rejected(raw: Mapping[str, Any], field_name: str, reason: str, rows: int = 1) -> UnitResult:
     return UnitResult(
-        raw["input_file"], raw["input_line"], REJECTED, field=field_name, reason=reason, raw=raw["raw"], rows=rows
+        raw["input_file"],
+        raw["input_line"],
+        REJECTED,
+        field=field_name,
+        reason=reason,
+        raw=raw["raw"],
+        rows=rows,
     )
 
 
@@ -160,13 +167,19 @@ def _line_unit(raw: Mapping[str, Any], fmt: str, options: ReadOptions) -> UnitRe
             tree = tree_from_export(row)
             skipped = skip_reason(tree, options.oasst)
             if skipped:
-                return UnitResult(raw["input_file"], raw["input_line"], FILTERED, field=skipped[0], reason=skipped[1])
+                return UnitResult(
+                    raw["input_file"], raw["input_line"], FILTERED, field=skipped[0], reason=skipped[1]
+                )
             found = conversations(tree, options.oasst, options.system)
     except (RowError, NemoFormatError, TreeError) as exc:
         return _rejected(raw, exc.field, exc.message)
     if not found:
         return UnitResult(
-            raw["input_file"], raw["input_line"], FILTERED, field="no_conversation", reason="no path of 2+ turns"
+            raw["input_file"],
+            raw["input_line"],
+            FILTERED,
+            field="no_conversation",
+            reason="no path of 2+ turns",
         )
     return UnitResult(raw["input_file"], raw["input_line"], KEPT, tuple(found))
 
@@ -209,7 +222,12 @@ def _message_table_units(raws: Iterable[Mapping[str, Any]], options: ReadOptions
         found = [] if skipped else conversations(tree, options.oasst, options.system)
         if skipped:
             yield UnitResult(
-                first["input_file"], first["input_line"], FILTERED, field=skipped[0], reason=skipped[1], rows=len(members)
+                first["input_file"],
+                first["input_line"],
+                FILTERED,
+                field=skipped[0],
+                reason=skipped[1],
+                rows=len(members),
             )
         elif not found:
             yield UnitResult(
@@ -276,3 +294,33 @@ class Counts:
             "conversations": self.conversations,
             "reconciles": self.units == self.kept + filtered + rejected,
         }
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """A whole source read in this process: the format found, every unit, and the counts."""
+
+    input_format: str
+    results: tuple[UnitResult, ...]
+    counts: dict[str, Any]
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return [c for r in self.results for c in r.conversations]
+
+    @property
+    def rejects(self) -> list[UnitResult]:
+        return [r for r in self.results if r.status == REJECTED]
+
+
+def read_source(source: str, options: ReadOptions | None = None) -> SourceRead:
+    """Read a whole source (a file, a folder, hf:ID) as conversations, in this process: for
+    notebooks, tests and sets that fit in memory (the export's Ray path reads file by file)."""
+    options = options or ReadOptions()
+    shards = resolve_source(source, options.hf_split)
+    fmt = source_format(shards, options.input_format)
+    results = tuple(read_shards(shards, fmt, options))
+    counts = Counts()
+    for result in results:
+        counts.add(result)
+    return SourceRead(fmt, results, counts.to_dict())

@@ -12,8 +12,11 @@ with attributes has them as the one attribute string (`attributes.format_attribu
 order), possibly empty. Regression (what `process_to_regression_format.py` writes), one line per
 labelled assistant turn:
 
-    {"text": "<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n{u}\\n<extra_id_1>Assistant\\n{a}\\n<extra_id_2>",
+    {"text": "<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n{u}\\n"
+             "<extra_id_1>Assistant\\n{a}\\n<extra_id_2>",
      "label": [nine floats in NeMo's order, -100.0 where missing]}
+
+(the text is one string, split here to fit).
 
 Lines are `json.dumps(record, ensure_ascii=False)`, as NeMo-Aligner's scripts write them, so our
 output for the same conversations is byte-for-byte theirs. One difference, on purpose: the
@@ -118,7 +121,8 @@ def _check_turns(turns: list[Turn]) -> None:
         if turn.role != expected:
             raise NemoFormatError(
                 "conversations",
-                f"turn {i + 1} is from {turn.role}, expected {expected}: turns must alternate, starting with User",
+                f"turn {i + 1} is from {turn.role}, expected {expected}: "
+                "turns must alternate, starting with User",
             )
 
 
@@ -128,7 +132,9 @@ def conversation_from_acsft(record: Mapping[str, Any]) -> Conversation:
         raise NemoFormatError("line", f"expected a JSON object, found {type(record).__name__}")
     entries = record.get("conversations")
     if not isinstance(entries, list) or len(entries) < 2:
-        raise NemoFormatError("conversations", "missing or under two turns; allowed: a list of {from, value, label}")
+        raise NemoFormatError(
+            "conversations", "missing or under two turns; allowed: a list of {from, value, label}"
+        )
     system = record.get("system", DEFAULT_SYSTEM)
     if not isinstance(system, str):
         raise NemoFormatError("system", f"{system!r:.40}; allowed: a string")
@@ -160,7 +166,8 @@ def conversation_from_acsft(record: Mapping[str, Any]) -> Conversation:
 def _regression_labels(raw: Any) -> dict[str, int]:
     if not isinstance(raw, list) or len(raw) != len(NEMO_ATTRIBUTES):
         raise NemoFormatError(
-            "label", f"{raw!r:.60}; allowed: a list of {len(NEMO_ATTRIBUTES)} numbers ({', '.join(NEMO_ATTRIBUTES)})"
+            "label",
+            f"{raw!r:.60}; allowed: a list of {len(NEMO_ATTRIBUTES)} numbers ({', '.join(NEMO_ATTRIBUTES)})",
         )
     attributes = {}
     for name, value in zip(NEMO_ATTRIBUTES, raw, strict=True):
@@ -171,7 +178,9 @@ def _regression_labels(raw: Any) -> dict[str, int]:
         except AttributeValueError as exc:
             raise NemoFormatError("label", f"{exc} or {MISSING} for missing") from None
     if not attributes:
-        raise NemoFormatError("label", f"every value is {MISSING} (missing); a regression row needs one label")
+        raise NemoFormatError(
+            "label", f"every value is {MISSING} (missing); a regression row needs one label"
+        )
     return attributes
 
 

@@ -47,7 +47,7 @@ class OasstOptions(StrictModel):
     languages: tuple[str, ...] = ()  # the tree's language (its first message's `lang`); () keeps all
     drop_deleted: bool = False  # drop messages marked deleted, and the replies below them
     tree_states: tuple[str, ...] = ()  # e.g. ("ready_for_export",); () keeps every state
-    min_label_count: int = Field(0, ge=0)  # a label given by fewer people counts as missing
+    min_label_count: int = Field(default=0, ge=0)  # a label given by fewer people counts as missing
 
 
 class TreeError(ValueError):
@@ -99,11 +99,15 @@ def _check_labels(raw: Any, message_id: str) -> dict[str, dict[str, float]] | No
         return None
     if isinstance(raw, Mapping) and set(raw) >= {"name", "value", "count"} and isinstance(raw["name"], list):
         names, values, counts = raw["name"], raw["value"], raw["count"]
-        if not (isinstance(values, list) and isinstance(counts, list) and len(names) == len(values) == len(counts)):
+        if not (
+            isinstance(values, list) and isinstance(counts, list) and len(names) == len(values) == len(counts)
+        ):
             raise TreeError("labels", f"message {message_id}: name, value and count lists differ in length")
         raw = {n: {"value": v, "count": c} for n, v, c in zip(names, values, counts, strict=True)}
     if not isinstance(raw, Mapping):
-        raise TreeError("labels", f"message {message_id}: expected {{name: {{value, count}}}}, found {raw!r:.60}")
+        raise TreeError(
+            "labels", f"message {message_id}: expected {{name: {{value, count}}}}, found {raw!r:.60}"
+        )
     labels: dict[str, dict[str, float]] = {}
     for name, entry in raw.items():
         value = entry.get("value") if isinstance(entry, Mapping) else None
@@ -188,7 +192,9 @@ def tree_from_messages(messages: Sequence[Mapping[str, Any]]) -> Tree:
         by_parent.setdefault(None if parent is None else str(parent), []).append(message)
     roots = by_parent.get(None, [])
     if len(roots) != 1:
-        raise TreeError("parent_id", f"tree {tree_id}: {len(roots)} messages without a parent_id; allowed: exactly 1")
+        raise TreeError(
+            "parent_id", f"tree {tree_id}: {len(roots)} messages without a parent_id; allowed: exactly 1"
+        )
     for parent in by_parent:
         if parent is not None and parent not in ids:
             orphan = by_parent[parent][0].get("message_id")

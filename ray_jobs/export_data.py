@@ -69,7 +69,9 @@ def _source(config: ExportConfig) -> tuple[str, list[Shard]]:
     return source, resolve_source(source, config.read.hf_split)
 
 
-def _convert(shards: list[Shard], fmt: str, out_file: Path, rejects_file: Path, config: ExportConfig) -> dict[str, Any]:
+def _convert(
+    shards: list[Shard], fmt: str, out_file: Path, rejects_file: Path, config: ExportConfig
+) -> dict[str, Any]:
     """Convert `shards` into `out_file` (and their rejects into `rejects_file`, if any); counts."""
     counts = Counts()
     written = 0
@@ -130,7 +132,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
         stats = _run_single(config, fmt, shards, out)
     stats.update(source=source, input_format=fmt, format=config.format)
     log.info(
-        "export: %d unit(s) (%d row(s)): kept %d, filtered %d %s, rejected %d; %d conversation(s), %d line(s) -> %s",
+        "export: %d unit(s) (%d row(s)): kept %d, filtered %d %s, rejected %d; "
+        "%d conversation(s), %d line(s) -> %s",
         stats["units"],
         stats["input_rows"],
         stats["kept"],
@@ -150,7 +153,10 @@ def _run_single(config: ExportConfig, fmt: str, shards: list[Shard], out: Path) 
     if out.exists() and not config.overwrite:
         raise OutputError(f"{out} exists; nothing was written: give another --out or pass --overwrite")
     rejects = out.with_name(out.name + ".rejects.jsonl")
-    partial, partial_rejects = out.with_name(f".{out.name}.partial"), out.with_name(f".{rejects.name}.partial")
+    partial, partial_rejects = (
+        out.with_name(f".{out.name}.partial"),
+        out.with_name(f".{rejects.name}.partial"),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     partial_rejects.unlink(missing_ok=True)
     try:
