@@ -174,11 +174,35 @@ def _run_single(config: ExportConfig, fmt: str, shards: list[Shard], out: Path) 
     return stats
 
 
+def whole_splits(shards: list[Shard]) -> list[Shard]:
+    """A Hugging Face split's row ranges merged back into one shard: a message table's tree may
+    straddle a range boundary, and a task must see whole trees."""
+    merged: list[Shard] = []
+    for shard in shards:
+        last = merged[-1] if merged else None
+        if (
+            last
+            and shard.kind.startswith("hf")
+            and (last.kind, last.path, last.split)
+            == (
+                shard.kind,
+                shard.path,
+                shard.split,
+            )
+        ):
+            merged[-1] = Shard(last.kind, last.path, last.order, last.split, last.start, shard.stop)
+        else:
+            merged.append(Shard(shard.kind, shard.path, len(merged), shard.split, shard.start, shard.stop))
+    return merged
+
+
 def _run_ray(config: ExportConfig, fmt: str, shards: list[Shard], out: Path) -> dict[str, Any]:
     import ray
 
     from ray_jobs.runtime import ensure_ray, quiet_ray_data
 
+    if fmt == "oasst-messages":
+        shards = whole_splits(shards)
     staging = prepare_output(out, STAGE)  # a folder this stage did not write is refused now
     (staging / "rejects").mkdir(parents=True)
     ensure_ray()

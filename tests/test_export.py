@@ -153,3 +153,16 @@ def test_ray_data_export_writes_parts_that_concatenate_to_the_single_file(ray_he
     )
     assert trees.returncode == 0, trees.stderr[-3000:]
     assert same_bytes(tmp_path / "t" / "part-00000.jsonl", shared_file(GOLDEN[(OASST, "nemo-acsft")]))
+
+
+def test_ray_path_gives_a_message_table_whole_hub_splits() -> None:
+    from helpsteer_core.readers import Shard
+    from ray_jobs.export_data import whole_splits
+
+    ranges = [Shard("hf", "/d/oasst1", i, "train", i * 10, i * 10 + 10) for i in range(3)]
+    files = [Shard("parquet", "/d/a.parquet", 3), Shard("hf", "/d/oasst1", 4, "validation", 0, 10)]
+    assert whole_splits(ranges + files) == [
+        Shard("hf", "/d/oasst1", 0, "train", 0, 30),
+        Shard("parquet", "/d/a.parquet", 1),
+        Shard("hf", "/d/oasst1", 2, "validation", 0, 10),
+    ]
