@@ -166,3 +166,33 @@ def test_ray_path_gives_a_message_table_whole_hub_splits() -> None:
         Shard("parquet", "/d/a.parquet", 1),
         Shard("hf", "/d/oasst1", 2, "validation", 0, 10),
     ]
+
+
+def test_openassistant_flags_reach_the_reader(tmp_path: Path) -> None:
+    from helpsteer_core.conversation_sources import ReadOptions, read_source
+    from helpsteer_core.nemo_format import acsft_line
+
+    source = shared_file(OASST)
+    flags = [
+        "--language",
+        "en",
+        "--tree-state",
+        "ready_for_export",
+        "--drop-deleted",
+        "--min-label-count",
+        "2",
+    ]
+    done = export("--format", "nemo-acsft", "--data", str(source), "--out", "o.jsonl", *flags, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    options = {
+        "languages": ["en"],
+        "tree_states": ["ready_for_export"],
+        "drop_deleted": True,
+        "min_label_count": 2,
+    }
+    expected = read_source(str(source), ReadOptions.model_validate({"oasst": options}))
+    everything = read_source(str(source))
+    assert len(expected.conversations) < len(everything.conversations)
+    lines = (tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == [acsft_line(c) for c in expected.conversations]
+    assert "filtered" in done.stdout and "'tree_states'" in done.stdout
