@@ -2,6 +2,7 @@
 
 helpsteer synth --rows 2000 --seed 1 --out data/synth
 helpsteer filter --data data/synth --out runs/filtered
+helpsteer export --format nemo-acsft --data runs/filtered/train --out train.acsft.jsonl
 helpsteer generate-answers --out runs/answers --questions 120
 helpsteer train-sft --data runs/relabelled --out runs/sft
 helpsteer evaluate --generator runs/sft --apm runs/apm --data runs/filtered/validation --out runs/eval
@@ -204,6 +205,73 @@ def filter_(
     """Validate, filter, de-duplicate and split a dataset (Ray Data)."""
     overrides = _options(data=data, out=out) + list(set_ or [])
     _run_stage("filter_data", "FilterStageConfig", config, overrides, verbose)
+
+
+@app.command()
+def export(
+    format_: Annotated[
+        str, typer.Option("--format", help="nemo-acsft (AC-SFT chat) or nemo-regression (reward model)")
+    ],
+    data: Annotated[str, typer.Option(help="HelpSteer rows, OpenAssistant trees or table, NeMo file; hf:ID")],
+    out: Annotated[Path, typer.Option(help="Output file (a folder with --ray)")],
+    input_format: Annotated[
+        str, typer.Option(help="auto, helpsteer, oasst-trees, oasst-messages, nemo-acsft, nemo-regression")
+    ] = "auto",
+    attribute_source: Annotated[
+        str, typer.Option(help="HelpSteer rows: human labels, or the relabel stage's apm_<name>_int")
+    ] = "human",
+    language: Annotated[
+        list[str] | None, typer.Option(help="OpenAssistant: keep trees in this language (repeatable)")
+    ] = None,
+    tree_state: Annotated[
+        list[str] | None, typer.Option(help="OpenAssistant: keep trees in this state (repeatable)")
+    ] = None,
+    drop_deleted: Annotated[bool, typer.Option(help="OpenAssistant: leave out deleted messages")] = False,
+    min_label_count: Annotated[
+        int, typer.Option(min=0, help="OpenAssistant: a label given by fewer people is missing")
+    ] = 0,
+    ray: Annotated[
+        bool, typer.Option(help="Convert each input file in a Ray Data task into OUT/part-*")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file")] = False,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write NeMo-Aligner SteerLM files; with no options, byte for byte what NeMo-Aligner's
+    preprocessing scripts write for the same rows."""
+    from ray_jobs import export_data
+    from ray_jobs.runtime import STAGE_ERRORS, run_stage
+
+    values: dict[str, object] = {
+        "data": data,
+        "out": str(out),
+        "format": format_,
+        "ray": ray,
+        "overwrite": overwrite,
+        "read": {
+            "input_format": input_format,
+            "attribute_source": attribute_source,
+            "oasst": {
+                "languages": list(language or []),
+                "tree_states": list(tree_state or []),
+                "drop_deleted": drop_deleted,
+                "min_label_count": min_label_count,
+            },
+        },
+    }
+    try:
+        config = load_config(export_data.ExportConfig, None, list(set_ or []), defaults=values)
+        stats = run_stage("export", export_data.run, config, verbose)
+    except STAGE_ERRORS as exc:
+        _fail(exc)
+    typer.echo(
+        f"{stats['input_format']} -> {stats['format']}: {stats['kept']} kept, {stats['filtered']} filtered "
+        f"{stats['filtered_by']}, {stats['rejected']} rejected; {stats['conversations']} conversation(s), "
+        f"{stats['lines_written']} line(s) -> {resolve_path(out)}"
+    )
+    if stats["rejected"]:
+        where = resolve_path(out) / "rejects" if ray else f"{resolve_path(out)}.rejects.jsonl"
+        typer.echo(f"rejected units, with file, line, field and reason: {where}")
 
 
 @app.command()
