@@ -193,7 +193,8 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert {"style", "apm_verbosity", "apm_complexity"} <= set(relabelled[0])
     levels = json.loads((runs / "sft" / "attribute_levels.json").read_text())
     assert levels["scope"] == "all" and levels["answer_level"] == []
-    assert len(levels["cuts"]["verbosity"]) == 4 and levels["cuts"]["verbosity"] == sorted(levels["cuts"]["verbosity"])
+    cuts = levels["cuts"]["verbosity"]
+    assert len(cuts) == 4 and cuts == sorted(cuts)
     assert sum(levels["rows_per_level"]["verbosity"]) == len(answers)
     assert summary["train_sft"]["data"]["examples"] == len(answers)
     relevance = summary["evaluate"]["relevance"]
