@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome: dict[str, Any] = {}
 
     def run_and_keep(config: JudgeConfig) -> None:
-        outcome.update(run(config))
+        outcome.update(run(config) or {})  # `or {}`: the docs test stands in a `run` returning None
 
     status = stage_main(__doc__, "python -m ray_jobs.judge", JudgeConfig, run_and_keep, argv)
     if status == 0 and outcome.get("failed"):

@@ -427,3 +427,34 @@ def test_judging_is_off_by_default_in_the_evaluate_config() -> None:
     assert EvaluateSettings().judge.enabled is False
     shipped = load_config(JudgeConfig, repo / "configs" / "judge.yaml")
     assert (shipped.model, shipped.temperature, shipped.api_key_env) == ("gpt-4", 0.0, "OPENAI_API_KEY")
+
+
+def test_evaluate_with_judging_on_fails_before_any_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate's judge section is checked (question file, judge inputs, the key) before Ray or a
+    model starts: a generator folder holding only its sft_config.yaml gets no further."""
+    from ray_jobs.evaluate import EvaluateConfig, run
+
+    generator = tmp_path / "sft"
+    generator.mkdir()
+    (generator / "sft_config.yaml").write_text("generator: none\nexamples: {template: chat}\n")
+    base = {"generator": str(generator), "data": str(tmp_path / "data"), "out": str(tmp_path / "eval")}
+    judged = {
+        "enabled": True,
+        "api_key_env": KEY_ENV,
+        "judge_prompts": str(PROMPTS),
+        "references": str(REFERENCES),
+    }
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match="judge.enabled: true, but mt_bench names no question file"):
+        run(EvaluateConfig.model_validate(base | {"judge": judged}))
+    with pytest.raises(ConfigError, match=f"\\${KEY_ENV} is not set"):
+        run(EvaluateConfig.model_validate(base | {"judge": judged, "mt_bench": str(QUESTIONS)}))
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        run(
+            EvaluateConfig.model_validate(
+                base | {"judge": judged | {"references": "/nowhere.jsonl"}, "mt_bench": str(QUESTIONS)}
+            )
+        )
+    assert not (tmp_path / "eval").exists()
