@@ -316,11 +316,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         if config.mt_bench:
             _mt_bench(config, models, examples, staging / "mt_bench", defaults)
         publish(staging, out, "evaluate")
+        mt_bench_scores: dict[str, Any] = {}
         if config.mt_bench and config.judge.enabled:
             # After publishing: the judgment file grows in place, so a failed or killed judging
             # keeps the answers and every reply, and `helpsteer judge --answers OUT` finishes it.
             judged = judge(out / "mt_bench", resolve_path(config.mt_bench), config.judge)
-            tracked.log_metrics({"mt_bench": {m: s["score"] for m, s in judged["scores"].items()}})
+            mt_bench_scores = judged["scores"]
+            tracked.log_metrics({"mt_bench": {m: s["score"] for m, s in mt_bench_scores.items()}})
         summary, real_summary = _summary(results), _summary(real_results)
         tracked.log_metrics(
             {"steer": summary, "steer_real": real_summary, "relevance": relevance, "seconds": timing}
@@ -334,6 +336,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "real_results": real_results,
         "real_steerability": real_summary,
         "relevance": relevance,
+        "mt_bench": mt_bench_scores,  # model -> MT-Bench scores when judge.enabled, else empty
     }
 
 

@@ -52,7 +52,7 @@ from helpsteer_core.readers import SourceError
 from ray_jobs.runtime import stage_main
 
 log = logging.getLogger("helpsteer.judge")
-RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRYABLE = frozenset({408, 409, 429})  # and every 5xx, as OpenAI's own client retries
 
 
 class JudgeEndpoint(StrictModel):
@@ -171,7 +171,8 @@ async def _ask(session: Any, match: Match, settings: JudgeEndpoint, errors: Text
                     retry_after = str(float(ms) / 1000) if ms else headers.get("retry-after")
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = {"status": None, "error": f"{type(exc).__name__}: {exc}"}
-        retryable = failure["status"] in RETRYABLE or failure["status"] in (None, 200)
+        status = failure["status"]
+        retryable = status is None or status == 200 or status in RETRYABLE or status >= 500
         last = attempt == settings.retries or not retryable
         errors.write(
             json.dumps(

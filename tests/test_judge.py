@@ -458,3 +458,37 @@ def test_evaluate_with_judging_on_fails_before_any_generation(
             )
         )
     assert not (tmp_path / "eval").exists()
+
+
+def test_helpsteer_judge_prints_the_scores(endpoint: Judge, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ray_jobs.cli import app
+
+    folder = write_answers(tmp_path / "mt_bench", ("alpha",))
+    endpoint.script = {("alpha", 81, 1): [SERVER_ERROR, completion("Rating: [[9]]")]}
+    options = [
+        "--answers",
+        str(folder),
+        "--base-url",
+        endpoint.url,
+        "--model",
+        "local",
+        "--api-key-env",
+        "none",
+    ]
+    options += [
+        "--questions",
+        str(QUESTIONS),
+        "--set",
+        f"judge_prompts={PROMPTS}",
+        "--set",
+        f"references={REFERENCES}",
+    ]
+    result = CliRunner().invoke(app, ["judge", *options, "--set", "backoff_s=0"])
+    assert result.exit_code == 0, result.output
+    # turn 1: 9, 5, 5; turn 2: 5, 5, 5
+    assert "alpha                    MT-Bench 5.6667 (turn 1 6.3333, turn 2 5.0; 0 unrated)" in result.output
+    assert "(6 asked now, 0 kept)" in result.output
+    again = CliRunner().invoke(app, ["judge", *options])
+    assert again.exit_code == 0 and "(0 asked now, 6 kept)" in again.output
