@@ -133,7 +133,7 @@ def _wait(attempt: int, settings: JudgeEndpoint, retry_after: str | None) -> flo
         try:
             return min(float(retry_after), settings.max_backoff_s)
         except ValueError:
-            pass  # an HTTP date: use our own backoff
+            pass  # an HTTP date, or junk: our own backoff
     return min(settings.backoff_s * 2**attempt * (0.5 + random.random() / 2), settings.max_backoff_s)
 
 
@@ -166,9 +166,8 @@ async def _ask(session: Any, match: Match, settings: JudgeEndpoint, errors: Text
                         }
                 else:
                     failure = {"status": response.status, "body": text[:4000]}
-                    headers = response.headers
-                    ms = headers.get("retry-after-ms")
-                    retry_after = str(float(ms) / 1000) if ms else headers.get("retry-after")
+                    ms = response.headers.get("retry-after-ms")  # OpenAI's, finer than Retry-After
+                    retry_after = f"{ms}e-3" if ms else response.headers.get("retry-after")
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = {"status": None, "error": f"{type(exc).__name__}: {exc}"}
         status = failure["status"]
