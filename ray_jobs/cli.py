@@ -6,6 +6,7 @@ helpsteer export --format nemo-acsft --data runs/filtered/train --out train.acsf
 helpsteer generate-answers --out runs/answers --questions 120
 helpsteer train-sft --data runs/relabelled --out runs/sft
 helpsteer evaluate --generator runs/sft --apm runs/apm --data runs/filtered/validation --out runs/eval
+helpsteer judge --answers runs/eval/mt_bench --model gpt-4
 helpsteer run --config configs/local.yaml
 helpsteer ui
 """
@@ -129,6 +130,56 @@ def evaluate(
     """Steerability sweeps (Ray Data generation) against the untuned baseline; optional MT-Bench answers."""
     options = _options(generator=generator, apm=apm, data=data, out=out, mt_bench=mt_bench)
     _run_stage("evaluate", "EvaluateConfig", config, options + list(set_ or []), verbose)
+
+
+@app.command()
+def judge(
+    answers: Annotated[
+        Path | None, typer.Option(help="Folder with model_answer/<model>.jsonl, e.g. runs/eval/mt_bench")
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (default: OpenAI's)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Judge model (default gpt-4)")] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the key (default OPENAI_API_KEY; 'none': no key)"),
+    ] = None,
+    questions: Annotated[Path | None, typer.Option(help="FastChat question.jsonl")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Requests in flight at once")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """MT-Bench single-answer grading (FastChat's prompts and rules) by any OpenAI-compatible
+    endpoint; resumes: a re-run asks only for what is missing."""
+    from ray_jobs.judge import JudgeConfig
+    from ray_jobs.judge import run as run_judge
+    from ray_jobs.runtime import STAGE_ERRORS
+
+    _setup_logging()
+    options = _options(
+        answers=answers, base_url=base_url, model=model, questions=questions, concurrency=concurrency
+    )
+    if api_key_env is not None:
+        options.append("api_key_env=null" if api_key_env == "none" else f"api_key_env={api_key_env}")
+    try:
+        result = run_judge(load_config(JudgeConfig, config, options + list(set_ or [])))
+    except STAGE_ERRORS as exc:
+        _fail(exc)
+    for name, score in result["scores"].items():
+        turns = f"turn 1 {score['turn_1']}, turn 2 {score['turn_2']}"
+        typer.echo(f"{name:24s} MT-Bench {score['score']} ({turns}; {score['unrated']} unrated)")
+    typer.echo(
+        f"judgments in {result['judgment_file']} ({result['asked']} asked now, {result['already']} kept)"
+    )
+    if result["failed"]:
+        typer.secho(
+            f"{result['failed']} judgments got no reply (see the errors file beside the scores); "
+            "run again to ask only for them",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @app.command("evaluate-apm")

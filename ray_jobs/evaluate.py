@@ -12,7 +12,8 @@ generator and the baseline (by default the model it was fine-tuned from, read fr
 response is measured (words, Flesch-Kincaid grade, the APM's attributes) and the stage writes
 `responses.parquet`, `metrics.json`, one PNG per attribute and `report.md` to `out`, and logs them
 to MLflow. `mt_bench=FILE` also answers FastChat's MT-Bench questions (both turns) with the
-`mt_bench_attributes` and writes FastChat's `model_answer/<model_id>.jsonl`.
+`mt_bench_attributes` and writes FastChat's `model_answer/<model_id>.jsonl` under `out/mt_bench`;
+with `judge.enabled` an OpenAI-compatible judge then grades them there (`ray_jobs.judge`).
 
 `real_prompts=[FILE, ...]` adds real-style prompts (`helpsteer_core.prompt_files`): the first
 `real_relevance_prompts` are answered at the defaults and scored for prompt-answer relevance
@@ -44,9 +45,10 @@ from helpsteer_core.config import ConfigError, dump_config, resolve_path
 from helpsteer_core.conversation import parse_prompt_turns
 from helpsteer_core.generator import read_training_setup
 from helpsteer_core.model_sources import MINILM, resolve_model_path
+from helpsteer_core.mt_bench import read_questions as read_mt_bench
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
-from helpsteer_core.readers import SourceError, read_parquet_rows
+from helpsteer_core.readers import read_parquet_rows
 from helpsteer_core.relevance import describe as describe_relevance
 from helpsteer_core.relevance import relevance as relevance_scores
 from helpsteer_core.steering import (
@@ -58,6 +60,7 @@ from helpsteer_core.steering import (
     sweep,
 )
 from ray_jobs.generation import GenerationSettings, generate_on_ray
+from ray_jobs.judge import EvaluateJudge, check_ready, judge
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
@@ -76,6 +79,9 @@ class EvaluateSettings(GenerationSettings):
     mt_bench: str | None = None  # FastChat question.jsonl, e.g. ../shared/data/mt_bench/question.jsonl
     mt_bench_attributes: dict[str, int] | None = None  # default: the `defaults` profile
     mt_bench_max_new_tokens: int = Field(512, ge=1)
+    # Judge the MT-Bench answers when written (ray_jobs.judge): off by default, as it needs an
+    # endpoint (e.g. base_url, model and api_key_env of OpenAI's GPT-4, or a local server).
+    judge: EvaluateJudge = EvaluateJudge()
     # Real-style prompt files (.jsonl rows with `prompt` or `turns`, or .txt one per line), mixed
     # round robin, e.g. [../shared/data/helpsteer2/train_rows_001_060.jsonl,
     # ../shared/data/mt_bench/question.jsonl]; empty = no real-prompt evaluation.
@@ -189,6 +195,10 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     setup = read_training_setup(generator)
     if config.mt_bench:
         read_mt_bench(resolve_path(config.mt_bench))  # a bad question file fails before any generation
+    if config.judge.enabled:
+        if not config.mt_bench:
+            raise ConfigError("judge.enabled: true, but mt_bench names no question file to answer and judge")
+        check_ready(config.judge)  # judge prompts, references and the API key, before any generation
     for name, value in (config.mt_bench_attributes or {}).items():
         SCHEMA.check_value(name, value)
     examples = setup["examples"]
@@ -306,6 +316,13 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         if config.mt_bench:
             _mt_bench(config, models, examples, staging / "mt_bench", defaults)
         publish(staging, out, "evaluate")
+        mt_bench_scores: dict[str, Any] = {}
+        if config.mt_bench and config.judge.enabled:
+            # After publishing: the judgment file grows in place, so a failed or killed judging
+            # keeps the answers and every reply, and `helpsteer judge --answers OUT` finishes it.
+            judged = judge(out / "mt_bench", resolve_path(config.mt_bench), config.judge)
+            mt_bench_scores = judged["scores"]
+            tracked.log_metrics({"mt_bench": {m: s["score"] for m, s in mt_bench_scores.items()}})
         summary, real_summary = _summary(results), _summary(real_results)
         tracked.log_metrics(
             {"steer": summary, "steer_real": real_summary, "relevance": relevance, "seconds": timing}
@@ -319,6 +336,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "real_results": real_results,
         "real_steerability": real_summary,
         "relevance": relevance,
+        "mt_bench": mt_bench_scores,  # model -> MT-Bench scores when judge.enabled, else empty
     }
 
 
@@ -433,28 +451,6 @@ def _score(apm: Path, records: list[dict[str, Any]]) -> None:
     for row, values in zip(records, pred, strict=True):
         for name in trained:
             row[f"apm_{name}"] = float(values[SCHEMA.index(name)])
-
-
-def read_mt_bench(source: Path) -> list[dict[str, Any]]:
-    """FastChat's question.jsonl: one {"question_id", "category", "turns": [str, ...]} per line."""
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no MT-Bench question file (FastChat's question.jsonl)")
-    questions = []
-    for number, line in enumerate(source.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            question = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{source}:{number}: not JSON ({exc.msg})") from None
-        turns = question.get("turns") if isinstance(question, dict) else None
-        if "question_id" not in question or not turns or not all(isinstance(t, str) and t for t in turns):
-            raise SourceError(
-                f"{source}:{number}: needs question_id and turns (a list of non-empty strings), "
-                "as in FastChat's question.jsonl"
-            )
-        questions.append(question)
-    return questions
 
 
 def _mt_bench(

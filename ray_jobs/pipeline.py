@@ -169,7 +169,8 @@ class _Plan:
             "apm": self.key("train_apm"),
             "filter": self.key("filter"),  # the validation split it measures on
             "prompt_files": {name: source_fingerprint(name) for name in prompt_files},
-            "settings": result_settings(config.evaluate, GENERATION_SPEED_ONLY),
+            # The judge's settings change no generated answer (and judging resumes in place).
+            "settings": result_settings(config.evaluate, (*GENERATION_SPEED_ONLY, "judge")),
             "code": code,
         }
 

@@ -221,6 +221,7 @@ SHIPPED = {
     "relabel.yaml": ("ray_jobs.relabel", "RelabelConfig"),
     "train_sft.yaml": ("ray_jobs.train_sft", "TrainSFTConfig"),
     "evaluate.yaml": ("ray_jobs.evaluate", "EvaluateConfig"),
+    "judge.yaml": ("ray_jobs.judge", "JudgeConfig"),
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
 }
