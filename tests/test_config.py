@@ -223,6 +223,7 @@ SHIPPED = {
     "evaluate.yaml": ("ray_jobs.evaluate", "EvaluateConfig"),
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
 }
 
 
