@@ -192,18 +192,29 @@ def backward_and_step(engine: Any, loss: torch.Tensor) -> float | None:
     return norm
 
 
-def save_engine(engine: Any, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
-    """DeepSpeed's own checkpoint (every rank writes its shards of model and optimizer)."""
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+def save_engine(
+    engine: Any, folder: Path, tag: str, client_state: dict[str, Any], trainable_only: bool = False
+) -> None:
+    """DeepSpeed's own checkpoint (every rank writes its shards of model and optimizer).
+
+    `trainable_only` leaves the frozen parameters out (LoRA: the base model, which the run
+    rebuilds from the generator it was started from, is not written at every checkpoint)."""
+    engine.save_checkpoint(
+        str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=trainable_only
+    )
 
 
-def load_engine(engine: Any, folder: Path) -> dict[str, Any]:
+def load_engine(engine: Any, folder: Path, trainable_only: bool = False) -> dict[str, Any]:
     """Restore model, optimizer and scheduler from the latest tag in `folder`; the client state.
 
+    `trainable_only`: a checkpoint `save_engine` wrote without the frozen parameters, which keep
+    the values the engine was built with. The module is then loaded non-strictly; that a
+    checkpoint holds this very model's trainable parameters is the run identity's guarantee (a
+    LoRA run never resumes a full-model run's checkpoint, nor one of other adapters).
     DeepSpeed reads its files with `torch.load(weights_only=False)`: load only checkpoints this
     project wrote to storage you control, never ones from elsewhere.
     """
-    path, client_state = engine.load_checkpoint(str(folder))
+    path, client_state = engine.load_checkpoint(str(folder), load_module_strict=not trainable_only)
     if path is None:
         raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (no 'latest' tag file)")
     return dict(client_state or {})

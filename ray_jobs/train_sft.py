@@ -47,6 +47,7 @@ from typing import Any, Literal
 import ray.train
 import torch
 import torch.distributed as dist
+import yaml
 from pydantic import Field
 from ray.train import Checkpoint
 
@@ -61,6 +62,7 @@ from helpsteer_core.generator import (
     resolve_generator,
     train_top_layers,
 )
+from helpsteer_core.lora import ADAPTER_FOLDER, LoRASettings, apply_lora, check_generator_targets, export_lora
 from helpsteer_core.outputs import (
     CONTINUES,
     PLACES,
@@ -137,8 +139,13 @@ class TrainSFTSettings(StrictModel):
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # Train only the top N decoder layers and the final norm (null: every parameter). Backward
     # stops at the lowest trained layer, so a step costs less; on the local profile the top 15 of
-    # 30 layers did not learn verbosity within 200 steps (docs/results.md).
+    # 30 layers did not learn verbosity within 200 steps (docs/results.md). With `lora` set, it
+    # puts the adapters on the top N layers only (nothing else of those layers trains).
     trainable_layers: int | None = Field(None, ge=1)
+    # LoRA adapters instead of full-model training (helpsteer_core.lora): {r, alpha, dropout,
+    # target_modules}; null trains the whole model. The output folder then holds the merged weights
+    # (a plain Hugging Face model) and peft's adapter in adapter/; checkpoints hold only what trains.
+    lora: LoRASettings | None = None
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)  # CPU workers use this many torch threads
@@ -189,6 +196,8 @@ def run_identity(config: TrainSFTConfig) -> dict[str, Any]:
     """What the trained weights depend on (a resolved config): the settings less the speed-only
     ones and max_steps/epochs, the training rows' content and the starting model's."""
     settings = result_settings(config, (*TRAINING_SPEED_ONLY, *CONTINUES, *PLACES, "generator"))
+    if settings.get("lora") is None:
+        settings.pop("lora", None)  # a full-model run keeps the identity it had before LoRA existed
     return {
         "stage": "train_sft",
         "settings": settings,
@@ -276,20 +285,40 @@ def _load_model(config: TrainSFTConfig, tokenizer: Any) -> Any:
 
     dtype = torch.bfloat16 if config.deepspeed.bf16(config.use_gpu) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(resolve_generator(config.generator), dtype=dtype)
+    rows = model.get_input_embeddings().num_embeddings
     prepare_tokenizer_for_template(tokenizer, model, config.examples.template)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
-    if config.trainable_layers is not None:
-        train_top_layers(model, config.trainable_layers)
     if config.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora is not None:
+        # The rows the template added (mean-initialised by the resize) train beside the adapters.
+        new_tokens = range(rows, model.get_input_embeddings().num_embeddings)
+        return apply_lora(model, config.lora, config.trainable_layers, list(new_tokens))
+    if config.trainable_layers is not None:
+        train_top_layers(model, config.trainable_layers)
     return model
+
+
+def _trained_summary(model: Any, config: TrainSFTConfig) -> str:
+    trained = sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad
+    )
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    kind = (
+        "full model"
+        if config.lora is None
+        else f"LoRA r {config.lora.r} on {','.join(config.lora.target_modules)}"
+    )
+    return f"{kind}: {trained:,} of {total:,} parameters train"
 
 
 def _forward_loss(engine: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    if keeps_logits(type(engine.module)):
+    module = engine.module
+    # A peft model passes logits_to_keep on to the model it wraps: ask that model's class.
+    if keeps_logits(type(module.get_base_model() if hasattr(module, "get_base_model") else module)):
         # The vocabulary projection on trained positions only: (kept, vocab), not (micro, seq, vocab).
         inputs["logits_to_keep"] = trained_mask(batch["labels"]).to(device)
     return token_loss_sum(engine(**inputs).logits, batch["labels"])
@@ -343,13 +372,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            start_step = int(load_engine(engine, Path(folder) / DEEPSPEED_FOLDER)["step"])
+            state = load_engine(
+                engine, Path(folder) / DEEPSPEED_FOLDER, trainable_only=config.lora is not None
+            )
+            start_step = int(state["step"])
     if rank == 0:
         log.info(
             f"sft: {len(examples)} examples, {sum(trained)} trained tokens; global batch = micro "
             f"{config.micro_batch_size} x accumulation {config.accumulation_steps} x workers {world} = "
             f"{width} rows; {per_epoch} steps/epoch; steps {start_step}..{total}; "
-            f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}"
+            f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}; "
+            f"{_trained_summary(model, config)}"
         )
     tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
     pad = tokenizer.pad_token_id
@@ -442,7 +475,9 @@ def _checkpoint(
     """Every rank saves its DeepSpeed shards and reports them: Ray Train merges all ranks' files
     into one checkpoint folder. The final checkpoint also holds the exported model (rank 0)."""
     with tempfile.TemporaryDirectory() as folder:
-        save_engine(engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step})
+        # LoRA: the frozen base is the generator itself (its content is in the run identity).
+        trainable_only = config.lora is not None
+        save_engine(engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step}, trainable_only)
         if final:
             export_model(engine, tokenizer, config, Path(folder) / MODEL_FOLDER)
         if engine.global_rank == 0:
@@ -452,19 +487,26 @@ def _checkpoint(
 
 def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Path) -> None:
     """The model as a Hugging Face folder: consolidated weights (safetensors) in `export_dtype`,
-    tokenizer, attribute schema and the SFT config. Collective; rank 0 writes."""
+    tokenizer, attribute schema and the SFT config. Collective; rank 0 writes.
+
+    LoRA: the weights are the merged ones (base + alpha/r x BA), and peft's adapter folder is
+    written to `adapter/` beside them; `sft_config.yaml` says which (`exported:`)."""
     dtype = DTYPES[config.export_dtype]
     state = consolidated_state_dict(engine, dtype)
     if state is None:
         return
     module = engine.module
+    exported = {"weights": "full", "adapter": None}
+    if config.lora is not None:
+        module = export_lora(module, state, folder, dtype)  # the merged model; folder/adapter written
+        state, exported = module.state_dict(), {"weights": "merged-lora", "adapter": ADAPTER_FOLDER}
     module.save_pretrained(folder, state_dict=state)
     config_out = copy.deepcopy(module.config)  # save_pretrained records the training dtype
     config_out.dtype, config_out.use_cache = dtype, True
     config_out.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     SCHEMA.save(folder)
-    (folder / "sft_config.yaml").write_text(dump_config(config))
+    (folder / "sft_config.yaml").write_text(dump_config(config) + yaml.safe_dump({"exported": exported}))
 
 
 def run(config: TrainSFTConfig) -> dict[str, Any]:
@@ -472,6 +514,9 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     staging = prepare_output(out, "train_sft")  # a folder this stage did not write is refused now
     validation = resolve_path(config.validation) if config.validation else None
     parquet_files(data, "the relabel or filter stage")  # fail before Ray starts if the data is missing
+    generator = resolve_generator(config.generator)  # converts the packaged GGUF once, here
+    if config.lora is not None:
+        check_generator_targets(generator, config.lora)  # before Ray starts: names the model's layers
     if validation is not None:
         parquet_files(validation, "the filter stage")
     resolved = config.model_copy(
@@ -480,7 +525,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
             "validation": str(validation) if validation else None,
             "out": str(out),
             "storage": str(storage),
-            "generator": resolve_generator(config.generator),  # converts the packaged GGUF once, here
+            "generator": generator,
         }
     )
     # Build every example here first: a data or template error stops the stage before any worker

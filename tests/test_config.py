@@ -224,6 +224,7 @@ SHIPPED = {
     "judge.yaml": ("ray_jobs.judge", "JudgeConfig"),
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
 }
 
 

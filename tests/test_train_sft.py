@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.conversation import Turn
+from helpsteer_core.generator import load_steerable, read_training_setup
+from helpsteer_core.lora import ADAPTER_FOLDER, LoRASettings
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
 from ray_jobs.deepspeed_engine import DeepSpeedSettings, build_config
 from ray_jobs.tracking import TrackingConfig, runs_for
@@ -29,6 +31,8 @@ from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+LORA_SETTINGS = LoRASettings.model_validate(LORA)
 
 
 def _config(data: Path, generator: Path, root: Path, **overrides: Any) -> TrainSFTConfig:
@@ -169,11 +173,25 @@ def _train_workers() -> list[Any]:
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param({}, id="full-zero3"),
+        # LoRA: checkpoints hold only the adapters and their optimizer states; the base is rebuilt.
+        pytest.param({"lora": LORA, "deepspeed": {"zero_stage": 0}, "lr": 2e-2}, id="lora-zero0"),
+    ],
+)
 def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
-    ray_head, synthetic_filtered, tiny_generator, tmp_path
+    ray_head, synthetic_filtered, tiny_generator, tmp_path, variant
 ):
     config = _config(
-        synthetic_filtered, tiny_generator, tmp_path, max_steps=16, checkpoint_every=4, eval_every=100
+        synthetic_filtered,
+        tiny_generator,
+        tmp_path,
+        max_steps=16,
+        checkpoint_every=4,
+        eval_every=100,
+        **variant,
     )
     (tmp_path / "sft.yaml").write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
@@ -205,6 +223,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(
     state = [json.loads(p.read_text())["step"] for p in storage.glob("checkpoint_*/trainer_state.json")]
     assert max(state) == 16
     assert (Path(config.out) / "model.safetensors").is_file()
+    if config.lora is not None:
+        assert (Path(config.out) / ADAPTER_FOLDER / "adapter_model.safetensors").is_file()
+        # The checkpoints left the frozen base out: far smaller than the model's own weights.
+        weights = (Path(config.generator) / "model.safetensors").stat().st_size
+        newest = max(storage.glob("checkpoint_*"), key=lambda folder: folder.stat().st_mtime)
+        module = sum(f.stat().st_size for f in (newest / "deepspeed").rglob("*model_states.pt"))
+        assert module < weights / 4, (module, weights)
 
 
 def test_bf16_zero1_with_the_top_layer_trained_leaves_the_rest_as_loaded(
@@ -235,6 +260,61 @@ def test_bf16_zero1_with_the_top_layer_trained_leaves_the_rest_as_loaded(
         if not torch.equal(weight, start[name].to(torch.bfloat16).float())
     }
     assert changed and all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed), changed
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        return {name: weights.get_tensor(name).float() for name in weights.keys()}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_runs_checkpoint(
+    ray_head, synthetic_filtered, tiny_generator, tmp_path, stage
+):
+    """A full-model run, then a LoRA run with the same run_name and storage (2 workers, ZeRO-1 or
+    ZeRO-3): the LoRA run starts at step 1 in its own folder, learns, and exports merged weights
+    that changed only the adapted layers, plus peft's adapter; the full run then resumes its own
+    checkpoint, not the LoRA one."""
+    common = {"validation": None, "deepspeed": {"zero_stage": stage}, "export_dtype": "float32"}
+    full = _config(synthetic_filtered, tiny_generator, tmp_path, max_steps=2, checkpoint_every=2, **common)
+    run(full)
+    lora = full.model_copy(update={"lora": LORA_SETTINGS, "max_steps": 8, "checkpoint_every": 4, "lr": 2e-2})
+    assert run(lora)["steps"] == 8
+    loss = _history(tmp_path / "runs", "loss")
+    assert sorted(loss) == list(range(1, 9))  # from step 1: the full run's checkpoint was not resumed
+    assert (loss[7] + loss[8]) / 2 < (loss[1] + loss[2]) / 2 - 0.05
+    assert len(list(Path(full.storage).glob(f"{full.run_name}-*"))) == 2
+
+    out = Path(lora.out)
+    setup = read_training_setup(out)
+    assert setup["lora"]["r"] == 4 and setup["exported"] == {
+        "weights": "merged-lora",
+        "adapter": ADAPTER_FOLDER,
+    }
+    start, merged = _weights(Path(tiny_generator)), _weights(out)
+    assert set(merged) == set(start)  # a plain Llama: no adapter tensors in the merged weights
+    changed = {name for name in start if not torch.equal(start[name], merged[name])}
+    targets = ("q_proj.weight", "v_proj.weight", "up_proj.weight", "down_proj.weight")
+    assert changed and all(name.endswith(targets) for name in changed), changed
+    # evaluate and Serve load it as they load a full-model output, and it generates.
+    model, tokenizer, stop_ids = load_steerable(str(out), setup["examples"])
+    turns = [Turn("User", "Describe France in one sentence.")]
+    prompt = generation_prompt_ids(turns, {"verbosity": 4}, tokenizer, SFTDataConfig(template="chat"))
+    assert model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False).shape[1] > len(prompt)
+    # The adapter on the starting model computes what the merged weights compute.
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_generator)
+    adapted = PeftModel.from_pretrained(base, out / ADAPTER_FOLDER).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            adapted(torch.tensor([prompt])).logits, model(torch.tensor([prompt])).logits, atol=1e-4, rtol=1e-4
+        )
+
+    # The full-model run, continued, resumes its own step-2 checkpoint (not the LoRA run's step 8).
+    run(full.model_copy(update={"max_steps": 3}))
+    assert sorted(_history(tmp_path / "runs", "loss")) == [3]
+    assert not (out / ADAPTER_FOLDER).exists() and read_training_setup(out)["exported"]["weights"] == "full"
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
