@@ -142,7 +142,7 @@ def apply_lora(
             tokens[str(_module_name(model, head)).rsplit(".", 1)[-1]] = list(new_tokens)
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by r
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         layers_to_transform=layers,
