@@ -222,6 +222,7 @@ SHIPPED = {
     "train_sft.yaml": ("ray_jobs.train_sft", "TrainSFTConfig"),
     "evaluate.yaml": ("ray_jobs.evaluate", "EvaluateConfig"),
     "judge.yaml": ("ray_jobs.judge", "JudgeConfig"),
+    "export_data.yaml": ("ray_jobs.export_data", "ExportConfig"),
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
