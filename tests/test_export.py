@@ -6,7 +6,6 @@ unasked; the Ray Data path writes parts whose concatenation is the single file."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shared_data import shared_file
 
 HELPSTEER = str(Path(sys.executable).parent / "helpsteer")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELPSTEER2 = "helpsteer2/train_rows_001_060.jsonl"
 OASST = "oasst/fixture_a.trees.jsonl"
 GOLDEN = {
@@ -25,16 +24,6 @@ GOLDEN = {
     (OASST, "nemo-acsft"): "nemo_aligner/oasst_fixture_a.acsft.jsonl",
     (OASST, "nemo-regression"): "nemo_aligner/oasst_fixture_a.regression.jsonl",
 }
-
-
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data: skipped where the checkout has none, a failure in CI."""
-    path = SHARED / relative
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must have ../shared/data")
-        pytest.skip(f"{path} not found (../shared/data is absent)")
-    return path
 
 
 def export(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

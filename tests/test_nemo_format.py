@@ -5,10 +5,10 @@ same conversations, and a line that breaks the format is named by its field."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 
 from helpsteer_core.conversation import DEFAULT_SYSTEM, Conversation, Turn
 from helpsteer_core.conversation_sources import read_source
@@ -19,18 +19,6 @@ from helpsteer_core.nemo_format import (
     conversation_from_regression,
     regression_lines,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data: skipped where the checkout has none, a failure in CI."""
-    path = SHARED / relative
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must have ../shared/data")
-        pytest.skip(f"{path} not found (../shared/data is absent)")
-    return path
 
 
 def read(source: Path) -> tuple[list[Conversation], dict]:

@@ -5,29 +5,17 @@ a bad tree is a reject with its file, line, field and allowed values, never a cr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
+from shared_data import shared_file
 
 from helpsteer_core.conversation_sources import ReadOptions, read_source
 from helpsteer_core.oasst import OasstOptions, conversations, to_attribute_value, tree_from_export
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURE = "oasst/fixture_a.trees.jsonl"
-
-
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data: skipped where the checkout has none, a failure in CI."""
-    path = SHARED / relative
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must have ../shared/data")
-        pytest.skip(f"{path} not found (../shared/data is absent)")
-    return path
 
 
 def read(source: Path | str, **options: Any) -> tuple[list, dict[str, Any], list]:

@@ -4,27 +4,16 @@ distinct prompts in order, several files interleave, and a bad line is named by 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from shared_data import shared_file
 
 from helpsteer_core.conversation import TURN_TOKEN, parse_prompt_turns
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELPSTEER2 = "helpsteer2/train_rows_001_060.jsonl"
 MT_BENCH = "mt_bench/question.jsonl"
-
-
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data: skipped where the checkout has none, a failure in CI."""
-    path = SHARED / relative
-    if not path.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing; CI must have ../shared/data")
-        pytest.skip(f"{path} not found (../shared/data is absent)")
-    return path
 
 
 def test_helpsteer2_rows_give_their_30_distinct_prompts_in_file_order() -> None:
