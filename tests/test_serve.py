@@ -425,22 +425,27 @@ def _cpu_seconds(pids: dict[str, int], over: float) -> dict[str, float]:
     return {key: sum(p.cpu_times()[:2]) - before[key] for key, p in processes.items()}
 
 
-def _stream(served: Served, body: dict[str, Any], started: threading.Event) -> dict[str, Any]:
+def _stream(
+    served: Served, body: dict[str, Any], started: threading.Barrier, first: list[float]
+) -> dict[str, Any]:
+    """One streamed chat; appends the time of its first content to `first`, then waits at `started`."""
     response = served.post("/v1/chat/completions", {**body, "stream": True}, stream=True)
-    text, error, done = "", None, False
+    text, error, done, ended = "", None, False, None
     for line in response.iter_lines(decode_unicode=True):
         if not line:
             continue
         if line == "data: [DONE]":
-            done = True
+            done, ended = True, time.monotonic()
             continue
         event = json.loads(line.removeprefix("data: "))
         if "error" in event:
             error = event["error"]
         elif event["choices"] and event["choices"][0]["delta"].get("content"):
+            if not text:
+                first.append(time.monotonic())
+                started.wait(60)
             text += event["choices"][0]["delta"]["content"]
-            started.set()
-    return {"status": response.status_code, "text": text, "error": error, "done": done}
+    return {"status": response.status_code, "text": text, "error": error, "done": done, "ended": ended}
 
 
 def test_a_killed_generator_replica_fails_at_most_its_streams_and_comes_back(served: Served):
@@ -448,23 +453,39 @@ def test_a_killed_generator_replica_fails_at_most_its_streams_and_comes_back(ser
 
     replicas = _generator_replicas()
     assert len(replicas) == 2
-    started = threading.Event()
     long = {"model": "helpsteer", "messages": USER, "max_tokens": MAX_TOKENS, "temperature": 1.0}
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        plain = [pool.submit(served.post, "/v1/chat/completions", {**long, "n": 4}) for _ in range(8)]
-        # Four streams over the two replicas: Serve routes to the shorter queue, so some are on
-        # the victim when it dies (a test where none was would prove nothing about streams).
-        streams = [pool.submit(_stream, served, long, started) for _ in range(4)]
-        assert started.wait(60), "no stream started"
-        # The victim: the replica that is busiest generating right now (CPU seconds over 0.3 s).
-        busy = _cpu_seconds(replicas, 0.3)
+    streams_n, waves = 4, []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        # The streams go first and alone, so a replica that burns CPU is carrying a stream and
+        # killing it must exercise the stream error path. They must also be one wave: a stream
+        # that missed its replica's batch starts only when that batch ends, and by then the
+        # others are about to finish, so a kill could find the victim's streams done. A wave
+        # that started over more than half a second is let finish and sent again.
+        for _ in range(5):
+            started, first = threading.Barrier(streams_n + 1), []
+            streams = [pool.submit(_stream, served, long, started, first) for _ in range(streams_n)]
+            started.wait(120)
+            waves.append(max(first) - min(first))
+            if waves[-1] < 0.5:
+                break
+            for f in streams:
+                f.result(timeout=180)
+        else:
+            pytest.fail(f"no wave of {streams_n} streams started together (spreads {waves} s)")
+        busy = _cpu_seconds(replicas, 0.2)
         victim_id = max(busy, key=busy.__getitem__)
         victim_pid = replicas[victim_id]
-        assert busy[victim_id] > 0.05, busy  # it had requests in flight
+        assert busy[victim_id] > 0.05, busy  # it is generating
+        # Plain requests now: some are routed to the victim, queued behind its streams' batch.
+        plain = [pool.submit(served.post, "/v1/chat/completions", {**long, "n": 4}) for _ in range(8)]
+        time.sleep(0.1)
         os.kill(victim_pid, signal.SIGKILL)
+        killed = time.monotonic()
         answers = [f.result(timeout=180) for f in plain]
         streamed = [f.result(timeout=180) for f in streams]
 
+    # The precondition held: the victim was generating, so not every stream had ended.
+    assert any(s["ended"] is None or s["ended"] > killed for s in streamed), streamed
     # Plain requests on the dead replica were sent again to the live one: none failed.
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
     # A stream that was on it cannot be replayed: it ends with an error event, never silently.
