@@ -351,7 +351,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"{width} rows; {per_epoch} steps/epoch; steps {start_step}..{total}; "
             f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}"
         )
-    tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
+    tracker = WorkerMetrics(
+        loop_config["tracking_uri"],
+        loop_config["run_id"],
+        rank,
+        config.tracking.retries,
+        config.tracking.retry_backoff_s,
+    )
     pad = tokenizer.pad_token_id
     engine.train()
     batches, current_epoch = [], -1
