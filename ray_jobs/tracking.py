@@ -29,6 +29,7 @@ from helpsteer_core.attributes import AttributeSchema
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 
 log = logging.getLogger(__name__)
+HEAD = "{head}"  # in tracking_uri: the driver's node address
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # larger output folders are referenced by path, not copied
 
 
@@ -36,7 +37,8 @@ class TrackingSettings(StrictModel):
     """Where MLflow runs go and how hard a training worker tries; the pipeline's `tracking:`."""
 
     # null: the sqlite file runs_dir/mlflow.db (one machine). On a cluster, an `mlflow server`
-    # on the head: http://HEAD:5000 (docs/operations.md), never a sqlite file on shared storage.
+    # on the head (docs/operations.md), never a sqlite file on shared storage: http://{head}:5000,
+    # where {head} becomes the driver's node address (the head, under `ray job submit`).
     tracking_uri: str | None = None
     enabled: bool = True
     # A training worker's metrics write: retried this many times, waiting retry_backoff_s, then
@@ -53,6 +55,11 @@ class TrackingConfig(TrackingSettings):
     experiment: str = "helpsteer"
 
     def uri(self) -> str:
+        """The URI to log to; resolved on the driver, which hands the result to its workers."""
+        if self.tracking_uri and HEAD in self.tracking_uri:
+            import ray.util
+
+            return self.tracking_uri.replace(HEAD, ray.util.get_node_ip_address())
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{resolve_path(self.runs_dir) / 'mlflow.db'}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -166,5 +167,12 @@ def test_pipeline_tracking_section_reaches_every_stage(tmp_path: Path):
     tracking = stage_tracking(config, tmp_path)
     assert tracking.uri() == "http://mlflow.internal:5000" and tracking.retries == 2
     assert str(tmp_path) == tracking.runs_dir and tracking.experiment == "helpsteer"
+    head = stage_tracking(
+        config.model_copy(
+            update={"tracking": config.tracking.model_copy(update={"tracking_uri": "http://{head}:5000"})}
+        ),
+        tmp_path,
+    ).uri()
+    assert re.fullmatch(r"http://[0-9a-f.:]+:5000", head), head  # the driver's node address
     with pytest.raises(ValueError, match="tracking_url"):
         PipelineConfig.model_validate({"tracking": {"tracking_url": "http://x"}})
