@@ -84,12 +84,13 @@ class Server:
         self.proc = None
 
 
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    # WorkerMetrics turns MLflow's own HTTP retries off in its process; keep that to this test.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    srv = Server(tmp_path / "server", _free_port())
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module (it takes minutes to start on a loaded 2-core machine)."""
+    # WorkerMetrics turns MLflow's own HTTP retries off in its process; keep that to this module.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    srv = Server(tmp_path_factory.mktemp("mlflow-server"), _free_port())
     srv.start()
     try:
         srv.wait()
@@ -97,6 +98,11 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     finally:
         srv.stop()
         mlflow.set_tracking_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _Stage(StrictModel):
@@ -130,28 +136,10 @@ def test_stage_and_worker_log_over_http_to_the_servers_store(server: Server, tmp
     assert "dropped after 1 attempt(s)" in caplog.text
 
 
-def test_worker_write_waits_out_a_server_restart(server: Server):
-    client = mlflow.MlflowClient(server.url)
-    run_id = client.create_run(client.create_experiment("restart")).info.run_id
-    server.stop()
-    # The server comes back a little later on the same port and store; the worker keeps trying.
-    restart = threading.Timer(1.0, server.start)
-    restart.start()
-    worker = WorkerMetrics(server.url, run_id, rank=0, retries=10, retry_backoff_s=1.0)
-    try:
-        assert worker.log({"loss": 0.25}, 7), "the write was dropped although the server came back"
-    finally:
-        restart.join()
-    server.wait()
-    history = mlflow.MlflowClient(server.url).get_metric_history(run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(7, 0.25)] and worker.dropped == 0
-
-
-def test_a_server_that_stays_down_never_stops_training(server: Server, caplog):
-    client = mlflow.MlflowClient(server.url)
-    run_id = client.create_run(client.create_experiment("down")).info.run_id
-    server.stop()
-    worker = WorkerMetrics(server.url, run_id, rank=0, retries=3, retry_backoff_s=0.1)
+def test_a_server_that_is_not_there_never_stops_training(caplog, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens here: connection refused, retried
+    worker = WorkerMetrics(url, "0" * 32, rank=0, retries=3, retry_backoff_s=0.1)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="ray_jobs.tracking"):
         outcomes = [worker.log({"loss": 1.0}, step) for step in (1, 2)]  # the training loop goes on
@@ -176,3 +164,20 @@ def test_pipeline_tracking_section_reaches_every_stage(tmp_path: Path):
     assert re.fullmatch(r"http://[0-9a-f.:]+:5000", head), head  # the driver's node address
     with pytest.raises(ValueError, match="tracking_url"):
         PipelineConfig.model_validate({"tracking": {"tracking_url": "http://x"}})
+
+
+def test_worker_write_waits_out_a_server_restart(server: Server):
+    client = mlflow.MlflowClient(server.url)
+    run_id = client.create_run(client.create_experiment("restart")).info.run_id
+    server.stop()
+    # The server comes back a little later on the same port and store; the worker keeps trying.
+    restart = threading.Timer(1.0, server.start)
+    restart.start()
+    worker = WorkerMetrics(server.url, run_id, rank=0, retries=10, retry_backoff_s=1.0)
+    try:
+        assert worker.log({"loss": 0.25}, 7), "the write was dropped although the server came back"
+    finally:
+        restart.join()
+    server.wait()
+    history = mlflow.MlflowClient(server.url).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(7, 0.25)] and worker.dropped == 0
