@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from ray.data.context import ShuffleStrategy
 
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
@@ -137,12 +139,59 @@ def _merge_keys(key_lists: list[str]) -> list[str]:
     return merged
 
 
-def _count(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    filtered = Counter(r["filter"] for r in rows if r["status"] == FILTERED)
-    rejected = Counter(r["field"] for r in rows if r["status"] == REJECTED)
-    kept = Counter(r["split"] for r in rows if r["status"] == KEPT)
+# What the statistics are grouped by: a handful of values each, so the groups number in the
+# tens whatever the row count (files x status x filter or field x split x extra-column sets).
+GROUP_KEYS = ["input_file", "status", "filter", "field", "split", "extra_keys"]
+
+
+def _has(name: str) -> str:
+    return f"has_{name}"
+
+
+def _group_counts(batch: pa.Table) -> pa.Table:
+    """One row per group of this batch: its row count and how many rows carry each attribute."""
+    columns = {key: batch.column(key) for key in GROUP_KEYS}
+    columns["extra_keys"] = pc.fill_null(columns["extra_keys"], "")  # rejected rows have none
+    columns["rows"] = pa.array([1] * batch.num_rows, pa.int64())
+    for name in SCHEMA.names:
+        columns[_has(name)] = pc.cast(pc.is_valid(batch.column(name)), pa.int64())
+    summed = ["rows", *(_has(n) for n in SCHEMA.names)]
+    grouped = pa.table(columns).group_by(GROUP_KEYS).aggregate([(c, "sum") for c in summed])
+    return grouped.rename_columns([c.removesuffix("_sum") for c in grouped.column_names])
+
+
+def aggregate_groups(ds: ray.data.Dataset) -> list[dict[str, Any]]:
+    """Group counts: partial counts per batch on Ray Data, folded on the driver as they stream in.
+
+    No shuffle (on small clusters one costs more than the whole stage); the driver holds one
+    running count per group, never a row per input row."""
+    summed = ["rows", *(_has(n) for n in SCHEMA.names)]
+    totals: dict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
+    partials = ds.map_batches(_group_counts, batch_format="pyarrow", batch_size=None)
+    for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            counts = totals[tuple(row[k] for k in GROUP_KEYS)]
+            for column in summed:
+                counts[column] += row[column]
+    return [
+        {**dict(zip(GROUP_KEYS, key, strict=True)), **{c: counts[c] for c in summed}}
+        for key, counts in totals.items()
+    ]
+
+
+def _count(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    filtered: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    for g in groups:
+        if g["status"] == FILTERED:
+            filtered[g["filter"]] += g["rows"]
+        elif g["status"] == REJECTED:
+            rejected[g["field"]] += g["rows"]
+        elif g["status"] == KEPT:
+            kept[g["split"]] += g["rows"]
     counts = {
-        "input_rows": len(rows),
+        "input_rows": sum(g["rows"] for g in groups),
         "kept": sum(kept.values()),
         "train": kept.get("train", 0),
         "validation": kept.get("validation", 0),
@@ -155,12 +204,24 @@ def _count(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return counts
 
 
-def compute_stats(summary: list[dict[str, Any]], shards: list[Shard]) -> dict[str, Any]:
+def compute_stats(groups: list[dict[str, Any]], shards: list[Shard]) -> dict[str, Any]:
+    """Counts in total and per file from the aggregated groups (`aggregate_groups`)."""
     by_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in summary:
-        by_file[row["input_file"]].append(row)
+    for group in groups:
+        by_file[group["input_file"]].append(group)
     files = {shard.label: _count(by_file.get(shard.label, [])) for shard in shards}
-    return {"total": _count(summary), "files": files}
+    return {"total": _count(groups), "files": files}
+
+
+def _later_copies(group: pa.Table) -> pa.Table:
+    """The rows of one dedup_key group to drop: all but the first in input order."""
+    orders, lines = group.column("input_order").to_pylist(), group.column("input_line").to_pylist()
+    positions = zip(orders, lines, strict=True)
+    drop = sorted(find_duplicates((("k", o, n) for o, n in positions)))
+    return pa.table(
+        {"input_order": [o for o, _ in drop], "input_line": [n for _, n in drop]},
+        schema=pa.schema([("input_order", pa.int64()), ("input_line", pa.int64())]),
+    )
 
 
 def run(config: FilterStageConfig) -> dict[str, Any]:
@@ -175,6 +236,9 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     log.info("filter: %d shard(s) from %s -> %s", len(shards), source, out)
     ensure_ray()
     quiet_ray_data()
+    # The de-duplication's groupby as tasks (a sort shuffle): the default hash shuffle starts
+    # aggregator actors that can wait for CPUs the stage's own tasks hold on a small cluster.
+    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     with stage_run("filter_data", config, config.tracking, SCHEMA, {"data": source}) as tracked:
         assessed = (
             ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
@@ -189,21 +253,23 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         )
         drop: set[tuple[int, int]] = set()
         if config.filters.drop_duplicates:
-            kept_keys = assessed.filter(expr=f"status == '{KEPT}'").select_columns(
-                ["dedup_key", "input_order", "input_line"]
+            # Grouped by key on Ray Data: the driver receives the positions of the later copies
+            # only (two integers per duplicate), never a key per row.
+            copies = (
+                assessed.filter(expr=f"status == '{KEPT}'")
+                .select_columns(["dedup_key", "input_order", "input_line"])
+                .groupby("dedup_key")
+                .map_groups(_later_copies, batch_format="pyarrow")
             )
-            drop = find_duplicates(
-                (r["dedup_key"], r["input_order"], r["input_line"]) for r in kept_keys.iter_rows()
-            )
+            drop = {(r["input_order"], r["input_line"]) for r in copies.iter_rows()}
         final = assessed.map_batches(
             _mark_duplicates, fn_kwargs={"drop": drop}, batch_format="pyarrow"
         ).materialize()
-        summary_columns = ["input_file", "status", "filter", "field", "split", "extra_keys", *SCHEMA.names]
-        summary = final.select_columns(summary_columns).take_all()
-        stats = compute_stats(summary, shards)
-        valid = [r for r in summary if r["status"] != REJECTED]
-        attributes = [a for a in SCHEMA.names if any(r[a] is not None for r in valid)]
-        extra_keys = _merge_keys(sorted({r["extra_keys"] for r in valid}))
+        groups = aggregate_groups(final)
+        stats = compute_stats(groups, shards)
+        valid = [g for g in groups if g["status"] != REJECTED]
+        attributes = [a for a in SCHEMA.names if any(g[_has(a)] for g in valid)]
+        extra_keys = _merge_keys(sorted({g["extra_keys"] for g in valid}))
 
         for name in OUTPUT_FOLDERS:
             (staging / name).mkdir(parents=True)

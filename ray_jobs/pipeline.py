@@ -60,7 +60,7 @@ from ray_jobs import train_sft as train_sft_stage
 from ray_jobs.console import console_out, log_file
 from ray_jobs.generation import SPEED_ONLY as GENERATION_SPEED_ONLY
 from ray_jobs.runtime import stage_main
-from ray_jobs.tracking import TrackingConfig, stage_run
+from ray_jobs.tracking import TrackingConfig, TrackingSettings, stage_run
 
 log = logging.getLogger("helpsteer.pipeline")
 STAGES = ("filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate")
@@ -98,6 +98,8 @@ class PipelineConfig(StrictModel):
     sft: train_sft_stage.TrainSFTSettings = train_sft_stage.TrainSFTSettings()
     evaluate: evaluate_stage.EvaluateSettings = evaluate_stage.EvaluateSettings()
     experiment: str = "helpsteer"
+    # MLflow: null tracking_uri is runs_dir/mlflow.db; a cluster sets http://HEAD:5000.
+    tracking: TrackingSettings = TrackingSettings()
     from_stage: Stage = "filter"  # --from: earlier stages must already be complete
     until_stage: Stage = "evaluate"  # --until: the last stage to run
     force: bool = False  # rerun stages in range even when their output is complete
@@ -245,6 +247,11 @@ def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
     return str(folder)
 
 
+def stage_tracking(config: PipelineConfig, runs: Path) -> TrackingConfig:
+    """The tracking settings every stage of the pipeline gets (runs in `runs` unless a server)."""
+    return TrackingConfig(runs_dir=str(runs), experiment=config.experiment, **config.tracking.model_dump())
+
+
 def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the stages in range; `on_stage(name)` is called as each stage starts (bench/pipeline.py)."""
     runs = resolve_path(config.runs_dir)
@@ -256,7 +263,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
     if last >= STAGES.index("evaluate"):
         for name in config.evaluate.real_prompts:  # a missing prompt file fails now, not after training
             read_prompt_file(resolve_path(name))
-    tracking = TrackingConfig(runs_dir=str(runs), experiment=config.experiment)
+    tracking = stage_tracking(config, runs)
     data = config.data or _synthetic_source(config, runs)
     plan = _Plan(config, runs, data)
     for stage in STAGES[:first]:

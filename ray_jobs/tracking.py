@@ -2,8 +2,12 @@
 
 The default tracking URI is an absolute sqlite file in the runs folder
 (`sqlite:////abs/runs/mlflow.db`) with artifacts beside it, so Ray workers and `helpsteer ui`
-find the same database whatever their working directory. Only rank 0 (the driver for data
-stages) ever calls into this module.
+find the same database whatever their working directory: right for one machine. On a cluster,
+`tracking_uri: http://HEAD:5000` points every stage at an `mlflow server` (docs/operations.md):
+the server is then the only process that writes the backend store, and the driver and the rank-0
+training worker are HTTP clients. Only the driver (for its stage run) and the rank-0 worker (per-
+step metrics, `WorkerMetrics`) call into this module; the worker's writes are retried with backoff
+and, if the server stays away, dropped with a warning: a logging failure never stops training.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,26 +23,43 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from helpsteer_core.attributes import AttributeSchema
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
 
 log = logging.getLogger(__name__)
+HEAD = "{head}"  # in tracking_uri: the driver's node address
 ARTIFACT_SIZE_LIMIT = 50 * 2**20  # larger output folders are referenced by path, not copied
 
 
-class TrackingConfig(StrictModel):
-    """Where MLflow runs go."""
+class TrackingSettings(StrictModel):
+    """Where MLflow runs go and how hard a training worker tries; the pipeline's `tracking:`."""
+
+    # null: the sqlite file runs_dir/mlflow.db (one machine). On a cluster, an `mlflow server`
+    # on the head (docs/operations.md), never a sqlite file on shared storage: http://{head}:5000,
+    # where {head} becomes the driver's node address (the head, under `ray job submit`).
+    tracking_uri: str | None = None
+    enabled: bool = True
+    # A training worker's metrics write: retried this many times, waiting retry_backoff_s, then
+    # twice that, and so on (1 s and 5 retries: up to 31 s), then dropped with a warning.
+    retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(1.0, ge=0.0)
+
+
+class TrackingConfig(TrackingSettings):
+    """A stage's MLflow settings: the above plus the runs folder and the experiment."""
 
     # Folder of the default sqlite database and artifacts; relative to $HELPSTEER_HOME or cwd.
     runs_dir: str = "runs"
-    # Overrides the default, e.g. http://mlflow.internal:5000 or sqlite:////shared/mlflow.db.
-    tracking_uri: str | None = None
     experiment: str = "helpsteer"
-    enabled: bool = True
 
     def uri(self) -> str:
+        """The URI to log to; resolved on the driver, which hands the result to its workers."""
+        if self.tracking_uri and HEAD in self.tracking_uri:
+            import ray.util
+
+            return self.tracking_uri.replace(HEAD, ray.util.get_node_ip_address())
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{resolve_path(self.runs_dir) / 'mlflow.db'}"
@@ -122,20 +144,66 @@ class StageRun:
         log.info("registered %s version %s -> %s", name, version.version, folder)
 
 
+def _transient(exc: Exception) -> bool:
+    """Worth retrying: the server unreachable, overloaded, or a store busy ("database is locked");
+    not a request the server rejects as wrong (a bad run id or value stays wrong)."""
+    if isinstance(exc, mlflow.exceptions.RestException):
+        code = exc.get_http_status_code()
+        return code >= 500 or code == 429
+    return isinstance(exc, (OSError, mlflow.exceptions.MlflowException))
+
+
 class WorkerMetrics:
     """Per-step metrics from a training worker into the stage's run (rank 0 only: other ranks
-    and disabled tracking get an object that logs nothing)."""
+    and disabled tracking get an object that logs nothing).
 
-    def __init__(self, tracking_uri: str, run_id: str | None, rank: int) -> None:
+    A write that fails for a transient reason is retried with exponential backoff; one that
+    still fails is dropped with a warning, and training goes on. MLflow's own HTTP retries are
+    turned off for this client (they would wait minutes per call); these are bounded by
+    `TrackingConfig.retries` and `retry_backoff_s`.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str | None,
+        rank: int,
+        retries: int = 5,
+        retry_backoff_s: float = 1.0,
+    ) -> None:
         self.run_id = run_id if rank == 0 else None
+        self.retries, self.retry_backoff_s = retries, retry_backoff_s
+        self.dropped = 0  # steps whose metrics never reached the server
         self.client = mlflow.MlflowClient(tracking_uri) if self.run_id else None
+        if self.client is not None and tracking_uri.startswith(("http://", "https://")):
+            # Read at each request: this worker's calls fail fast and our loop does the waiting.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int) -> bool:
+        """True when the metrics reached the tracking store (or there is nothing to log)."""
         if self.client is None or self.run_id is None:
-            return
+            return True
         stamp = int(time.time() * 1000)
         finite = [mlflow.entities.Metric(k, v, stamp, step) for k, v in metrics.items() if math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=finite)
+        for attempt in range(self.retries + 1):
+            try:
+                self.client.log_batch(self.run_id, metrics=finite)
+                return True
+            except Exception as exc:  # noqa: BLE001 - tracking must never end a training run
+                if attempt == self.retries or not _transient(exc):
+                    self.dropped += 1
+                    log.warning(
+                        "mlflow: metrics of step %d dropped after %d attempt(s) (%d step(s) dropped "
+                        "so far); training goes on: %s",
+                        step,
+                        attempt + 1,
+                        self.dropped,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    )
+                    return False
+                time.sleep(self.retry_backoff_s * 2**attempt)
+        return False
 
 
 @contextmanager

@@ -24,7 +24,6 @@ import logging
 import math
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,6 @@ import numpy as np
 import ray.train
 import torch
 from pydantic import Field
-from ray.train import Checkpoint
 from transformers import AutoConfig
 
 from helpsteer_core.apm import (
@@ -65,6 +63,7 @@ from helpsteer_core.outputs import (
     training_run,
 )
 from helpsteer_core.readers import parquet_files, read_parquet_rows
+from ray_jobs.checkpoints import checkpoint_folder, report_in_place
 from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
@@ -206,12 +205,12 @@ class _DDPTraining:
         if not save or self.rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            self.model.save_pretrained(folder)
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            torch.save(state, Path(folder) / OPTIMIZER_STATE)
-            (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        folder = checkpoint_folder(step)  # in the run's storage: no local staging
+        self.model.save_pretrained(folder)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, folder / OPTIMIZER_STATE)
+        (folder / TRAINER_STATE).write_text(json.dumps({"step": step}))
+        report_in_place(metrics, folder)
 
 
 class _DeepSpeedTraining:
@@ -259,15 +258,15 @@ class _DeepSpeedTraining:
         if not save:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            save_engine(self.engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step})
-            if final:
-                state = consolidated_state_dict(self.engine, self.export_dtype)  # collective
-                if state is not None:
-                    self.model.save_pretrained(Path(folder) / MODEL_FOLDER, state_dict=state)
-            if self.rank == 0:
-                (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        folder = checkpoint_folder(step)  # every rank writes its shards here, in the run's storage
+        save_engine(self.engine, folder / DEEPSPEED_FOLDER, f"step-{step}", {"step": step})
+        if final:
+            state = consolidated_state_dict(self.engine, self.export_dtype)  # collective
+            if state is not None:
+                self.model.save_pretrained(folder / MODEL_FOLDER, state_dict=state)
+        if self.rank == 0:
+            (folder / TRAINER_STATE).write_text(json.dumps({"step": step}))
+        report_in_place(metrics, folder)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -309,7 +308,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"{world} workers = {config.batch_size * world} rows/step; {per_epoch} steps/epoch; "
             f"steps {start_step}..{total}; {engine}"
         )
-    tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
+    tracker = WorkerMetrics(
+        loop_config["tracking_uri"],
+        loop_config["run_id"],
+        rank,
+        config.tracking.retries,
+        config.tracking.retry_backoff_s,
+    )
     pad = pad_token_id(tokenizer)
     training.forward.train()
     window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation is not counted

@@ -38,7 +38,6 @@ import logging
 import math
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +48,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from pydantic import Field
-from ray.train import Checkpoint
 
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
@@ -88,6 +86,7 @@ from helpsteer_core.sft_data import (
     trained_mask,
     trained_token_count,
 )
+from ray_jobs.checkpoints import checkpoint_folder, report_in_place
 from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
@@ -384,7 +383,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}; "
             f"{_trained_summary(model, config)}"
         )
-    tracker = WorkerMetrics(loop_config["tracking_uri"], loop_config["run_id"], rank)
+    tracker = WorkerMetrics(
+        loop_config["tracking_uri"],
+        loop_config["run_id"],
+        rank,
+        config.tracking.retries,
+        config.tracking.retry_backoff_s,
+    )
     pad = tokenizer.pad_token_id
     engine.train()
     batches, current_epoch = [], -1
@@ -472,17 +477,17 @@ def _validation_loss(
 def _checkpoint(
     engine: Any, tokenizer: Any, config: TrainSFTConfig, metrics: dict[str, float], step: int, final: bool
 ) -> None:
-    """Every rank saves its DeepSpeed shards and reports them: Ray Train merges all ranks' files
-    into one checkpoint folder. The final checkpoint also holds the exported model (rank 0)."""
-    with tempfile.TemporaryDirectory() as folder:
-        # LoRA: the frozen base is the generator itself (its content is in the run identity).
-        trainable_only = config.lora is not None
-        save_engine(engine, Path(folder) / DEEPSPEED_FOLDER, f"step-{step}", {"step": step}, trainable_only)
-        if final:
-            export_model(engine, tokenizer, config, Path(folder) / MODEL_FOLDER)
-        if engine.global_rank == 0:
-            (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    """Every rank saves its DeepSpeed shards into one checkpoint folder in the run's storage and
+    reports it. The final checkpoint also holds the exported model (rank 0)."""
+    folder = checkpoint_folder(step)  # in the run's storage: no local staging (ray_jobs.checkpoints)
+    # LoRA: the frozen base is the generator itself (its content is in the run identity).
+    trainable_only = config.lora is not None
+    save_engine(engine, folder / DEEPSPEED_FOLDER, f"step-{step}", {"step": step}, trainable_only)
+    if final:
+        export_model(engine, tokenizer, config, folder / MODEL_FOLDER)
+    if engine.global_rank == 0:
+        (folder / TRAINER_STATE).write_text(json.dumps({"step": step}))
+    report_in_place(metrics, folder)
 
 
 def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Path) -> None:

@@ -11,11 +11,18 @@
 Each replica runs its model in one background thread, so the event loop stays free for health
 checks and new requests; torch gets as many threads as the replica has CPUs (at least one:
 oversubscribed cores make small models tens of times slower).
+
+A replica's resources come from `ray_actor_options` (the decorators' CPU-only defaults, replaced
+by a config's `deployments:` section: `cluster/kuberay/serve.yaml` gives each model replica GPUs),
+and the model follows them: with a GPU assigned it loads in bf16 on cuda (`replica_device`), the
+generator spread over the replica's GPUs; without one, fp32 on CPU. Ray hides the GPUs a replica
+did not ask for, so asking is what moves the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -40,6 +47,20 @@ def _set_threads() -> int:
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     return threads
+
+
+def replica_device(gpus: float, cuda_available: bool) -> tuple[str, str]:
+    """(device, dtype name) for a replica given the GPUs Ray assigned it: cuda and bfloat16 when
+    it has one and CUDA sees it, else cpu and float32 (bf16 on CPU costs accuracy for little)."""
+    if gpus > 0 and cuda_available:
+        return "cuda", "bfloat16"
+    if gpus > 0:
+        log.warning("replica was assigned %s GPU(s) but CUDA sees none: running on CPU", gpus)
+    return "cpu", "float32"
+
+
+def _assigned_gpus() -> float:
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
 
 
 def _configure_batching(method: Any, batching: dict[str, Any]) -> None:
@@ -137,17 +158,27 @@ class Generator:
 )
 class APM:
     def __init__(self, folder: str, batching: dict[str, Any]):
+        import torch
+
         from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes
         from helpsteer_core.attributes import STEERLM
 
         threads = _set_threads()
-        self.model = AttributePredictionModel.from_pretrained(folder, STEERLM)
+        self.device, dtype = replica_device(_assigned_gpus(), torch.cuda.is_available())
+        self.model = AttributePredictionModel.from_pretrained(folder, STEERLM, dtype=getattr(torch, dtype))
+        self.model.to(self.device)
         self.model.eval()
         self.trained = load_trained_attributes(folder, STEERLM)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apm")
         _configure_batching(self.score, batching)
         log.info(
-            "APM %s: %d torch threads, trained on %s, batching %s", folder, threads, self.trained, batching
+            "APM %s on %s (%s): %d torch threads, trained on %s, batching %s",
+            folder,
+            self.device,
+            dtype,
+            threads,
+            self.trained,
+            batching,
         )
 
     def ready(self) -> str:
@@ -169,6 +200,9 @@ class APM:
         responses = [r for _, r in pairs]
         loop = asyncio.get_running_loop()
         predictions = await loop.run_in_executor(
-            self.executor, predict, self.model, self.model.tokenizer, prompts, responses
+            self.executor,
+            functools.partial(
+                predict, self.model, self.model.tokenizer, prompts, responses, device=self.device
+            ),
         )  # (pairs, n_attr)
         return [[float(v) for v in row] for row in predictions]

@@ -110,7 +110,7 @@ def ray_head() -> Iterator[RayHead]:
             os.killpg(head.pid, signal.SIGKILL)
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if head.poll() is not None:

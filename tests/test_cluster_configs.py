@@ -343,3 +343,26 @@ def test_each_file_starts_with_how_to_bring_it_up_and_its_cost(path):
     )
     assert bring_up in header
     assert "approximate on-demand list price" in header and re.search(r"\$[\d.]+/h", header)
+
+
+# --- GPU serving ----------------------------------------------------------------------------------
+
+
+def test_rayservice_gives_every_model_replica_gpus_and_autoscaling_bounds_that_fit_its_pods():
+    [(name, config)] = rayservice_configs()
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert set(deployments) == {"Ingress", "Generator", "APM"}, name
+    workers = _cluster_spec(load_yaml(CLUSTER / "kuberay" / name))["workerGroupSpecs"]
+    pod_gpus = [
+        float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in workers
+    ]
+    most = 0.0
+    for model in ("Generator", "APM"):
+        options, scaling = deployments[model]["ray_actor_options"], deployments[model]["autoscaling_config"]
+        assert options["num_gpus"] >= 1, model
+        assert options["num_gpus"] <= max(pod_gpus), f"{model}: one replica must fit one pod"
+        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], model
+        most += options["num_gpus"] * scaling["max_replicas"]
+    assert most <= sum(g["maxReplicas"] * gpus for g, gpus in zip(workers, pod_gpus, strict=True))
+    assert "num_gpus" not in deployments["Ingress"]["ray_actor_options"]

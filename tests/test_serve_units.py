@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpsteer_core.apm import APMConfig, AttributePredictionModel, save_trained_attributes
+from helpsteer_core.apm import APMConfig, AttributePredictionModel, predict, save_trained_attributes
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
 from helpsteer_core.config import ConfigError
 from helpsteer_core.conversation import Turn
@@ -334,3 +334,76 @@ def test_without_an_apm_scoring_is_404_and_best_of_is_400(prompts: SteerableProm
     with pytest.raises(APIError, match="runs without an APM") as caught:
         asyncio.run(frontend.score(json.dumps({"prompt": "Hi", "responses": ["a"]}).encode()))
     assert caught.value.status == 404 and frontend.models()["data"][0]["apm"] is None
+
+
+# --- GPU serving: resources from the config, and the device each replica resolves -----------------
+
+
+def _built_deployments(config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """The RayService's app built by Serve's own builder, as `helpsteer serve` binds it."""
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from serve.app import bind_app, deployment_options
+
+    app = config["applications"][0]
+    for name in ("generator", "apm"):  # bind_app checks the folders exist; no weights are loaded
+        (tmp_path / name).mkdir()
+        app["args"][name] = str(tmp_path / name)
+    schema, args = check_config(config, "cluster/kuberay/serve.yaml")
+    built = serve_build(bind_app(args, deployment_options(schema)), name="helpsteer")
+    return {d.name: d for d in built.deployments}
+
+
+def _rayservice_config() -> dict[str, Any]:
+    manifest = yaml.safe_load((CONFIG.parents[1] / "cluster" / "kuberay" / "serve.yaml").read_text())
+    return yaml.safe_load(manifest["spec"]["serveConfigV2"])
+
+
+def test_config_deployment_options_reach_the_built_deployments(tmp_path: Path):
+    config = _rayservice_config()
+    listed = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    built = _built_deployments(config, tmp_path)
+    # Every name the config lists is a deployment of the built app: Serve applies a RayService's
+    # `deployments:` by name, so a name that matched nothing would leave the CPU defaults.
+    assert set(listed) <= set(built)
+    for name in ("Generator", "APM"):
+        assert built[name].ray_actor_options["num_gpus"] == listed[name]["ray_actor_options"]["num_gpus"] >= 1
+        assert built[name].ray_actor_options["num_cpus"] == listed[name]["ray_actor_options"]["num_cpus"]
+        scaling = built[name]._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas) == (
+            listed[name]["autoscaling_config"]["min_replicas"],
+            listed[name]["autoscaling_config"]["max_replicas"],
+        )
+    # Without a config the decorators' CPU-only defaults stand (the local profile).
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from serve.app import bind_app
+
+    plain = serve_build(
+        bind_app(AppArgs(generator=str(tmp_path / "generator"), apm=str(tmp_path / "apm"))), name="cpu"
+    )
+    assert {d.name: d.ray_actor_options.get("num_gpus", 0) for d in plain.deployments} == {
+        "Ingress": 0,
+        "Generator": 0,
+        "APM": 0,
+    }
+
+
+def test_replica_device_follows_its_resources():
+    from serve.deployments import replica_device
+
+    assert replica_device(1, cuda_available=True) == ("cuda", "bfloat16")
+    assert replica_device(0.5, cuda_available=True) == ("cuda", "bfloat16")
+    assert replica_device(0, cuda_available=True) == ("cpu", "float32")  # GPUs it did not ask for
+    assert replica_device(1, cuda_available=False) == ("cpu", "float32")
+    assert replica_device(0, cuda_available=False) == ("cpu", "float32")
+
+
+def test_apm_loads_in_the_dtype_asked_for(tmp_path: Path, tiny_backbone: Path):
+    import torch
+
+    folder = make_apm_folder(tiny_backbone, tmp_path / "apm")
+    model = AttributePredictionModel.from_pretrained(folder, STEERLM, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    pred = predict(model, model.tokenizer, ["Why?"], ["Because."], device="cpu")  # (1, n_attr)
+    assert pred.shape == (1, len(STEERLM.names)) and pred.dtype.name == "float32"
