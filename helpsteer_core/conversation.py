@@ -133,21 +133,25 @@ def assistant_header(attributes: Mapping[str, int] | None, schema: AttributeSche
 def render_segments(conversation: Conversation, schema: AttributeSchema = STEERLM) -> list[tuple[str, bool]]:
     """The conversation as (text, trained) pieces; "".join(texts) is the rendered string.
 
-    Trained pieces are each assistant response plus the newline and end-of-turn marker that
-    follow it, so the model learns where to stop.
+    Trained pieces are each conditioned assistant response plus the newline and end-of-turn
+    marker that follow it, so the model learns where to stop. An earlier assistant turn without
+    attributes is context only (a turn is trained with its own attributes or not at all, as in
+    NeMo-Aligner, where a multi-turn HelpSteer2 prompt is one user turn); the final turn is always
+    the trained response.
     """
     pieces: list[tuple[str, bool]] = [(f"{SYSTEM_TOKEN}System\n{conversation.system}\n", False)]
-    after_assistant = False
-    for turn in conversation.turns:
-        # The marker that opens the next turn is the end-of-turn of an assistant response.
-        pieces.append((TURN_TOKEN, after_assistant))
+    trained_before = False  # the marker that opens the next turn ends a trained response
+    last = len(conversation.turns) - 1
+    for index, turn in enumerate(conversation.turns):
+        pieces.append((TURN_TOKEN, trained_before))
         if turn.role == "User":
             pieces.append((f"User\n{turn.text}\n", False))
+            trained_before = False
         else:
+            trained_before = turn.attributes is not None or index == last
             pieces.append((assistant_header(turn.attributes, schema)[len(TURN_TOKEN) :], False))
-            pieces.append((f"{turn.text}\n", True))
-        after_assistant = turn.role == "Assistant"
-    if after_assistant:
+            pieces.append((f"{turn.text}\n", trained_before))
+    if trained_before:
         pieces.append((TURN_TOKEN, True))
     segments: list[tuple[str, bool]] = []
     for text, trained in pieces:

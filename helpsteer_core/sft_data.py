@@ -236,8 +236,9 @@ def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSc
         line = _chat_attribute_line(conversation.turns[i - 1].attributes, schema)
         header = span[: start + len(line)]
         response = span[start + len(line) : end + len(eos)]
-        if i < len(messages) - 1:
-            pieces += [(header, False), (response, True), (span[end + len(eos) :], False)]
+        if i < len(messages) - 1:  # earlier turns: trained only with their own attributes
+            trained = conversation.turns[i - 1].attributes is not None
+            pieces += [(header, False), (response, trained), (span[end + len(eos) :], False)]
     # The final turn's header and response are kept apart; its glue after the eos is dropped.
     return _Rendered(_merge(pieces), header, response)
 
@@ -505,7 +506,8 @@ def examples_from_rows(
 ) -> list[dict[str, list[int]]]:
     """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
 
-    A HelpSteer2 multi-turn prompt becomes its turns (earlier assistant turns unconditioned); the
+    A HelpSteer2 multi-turn prompt becomes its turns (earlier assistant turns are context: they carry
+    no labels of their own, so they are not trained, as in NeMo-Aligner); the
     response is the final, trained turn, conditioned on `choose_attributes(row, schema, source)`.
     A row with no attribute value from that source is an error naming the row, not an
     unconditioned example: it means the wrong source or unrelabelled data. `fixed` values replace

@@ -174,17 +174,53 @@ def test_the_end_marker_is_the_last_trained_token(tok: Any) -> None:
     assert example["labels"][-1] == example["input_ids"][-1] == end_of_turn_id(tok, "nemo")
 
 
-def test_multi_turn_unlabelled_assistant_turn_is_trained_without_an_attribute_line(tok: Any) -> None:
+def test_multi_turn_unlabelled_earlier_assistant_turn_is_context_not_trained(tok: Any) -> None:
+    # A turn is trained only with its own attributes, or not at all (issue 15): NeMo-Aligner keeps
+    # a multi-turn HelpSteer2 prompt as one user turn, so its earlier assistant turns are never
+    # trained, and neither are ours; training them unconditioned taught answers without a knob.
     conversation = conversation_from_row(
         "Hi\n<extra_id_1>Assistant\nHello!\n<extra_id_1>User\nTell me a joke.", "Sure, here is one.", ATTRS
     )
     assert conversation.turns[1].attributes is None
     example = build_example(conversation, tok, SFTDataConfig())
-    assert runs(tok, example, trained=True) == ["Hello!\n<extra_id_1>", "Sure, here is one.\n<extra_id_1>"]
-    untrained = runs(tok, example, trained=False)
-    assert untrained[0].endswith("<extra_id_1>Assistant\n")  # no <extra_id_2> line before "Hello!"
+    assert runs(tok, example, trained=True) == ["Sure, here is one.\n<extra_id_1>"]
+    (untrained,) = runs(tok, example, trained=False)
+    assert "<extra_id_1>Assistant\nHello!\n<extra_id_1>User" in untrained  # no <extra_id_2> line before it
     assert tok.decode(example["input_ids"]).count(LABEL_TOKEN) == 1
-    assert untrained[1] == f"User\nTell me a joke.\n<extra_id_1>Assistant\n<extra_id_2>{ATTR_STRING}\n"
+    assert untrained.endswith(f"User\nTell me a joke.\n<extra_id_1>Assistant\n<extra_id_2>{ATTR_STRING}\n")
+
+
+def test_chat_template_unlabelled_earlier_assistant_turn_is_context_not_trained(tok: Any) -> None:
+    conversation = Conversation(
+        (
+            Turn("User", "Hi"),
+            Turn("Assistant", "Hello!"),
+            Turn("User", "Tell me a joke."),
+            Turn("Assistant", "Sure.", ATTRS),
+        )
+    )
+    example = build_example(conversation, tok, SFTDataConfig(template="chat"))
+    assert runs(tok, example, trained=True) == ["Sure.<|im_end|>"]
+    assert tok.decode(example["input_ids"]).count("Attributes:") == 1
+
+
+def test_every_labelled_assistant_turn_is_trained_after_its_own_attribute_line(tok: Any) -> None:
+    turns = (
+        Turn("User", "Hi"),
+        Turn("Assistant", "Hello!", {"verbosity": 0}),
+        Turn("User", "Tell me a joke."),
+        Turn("Assistant", "No.", None),
+        Turn("User", "Please?"),
+        Turn("Assistant", "Why did the chicken cross the road?", {"verbosity": 3}),
+    )
+    example = build_example(Conversation(turns), tok, SFTDataConfig())
+    assert runs(tok, example, trained=True) == [
+        "Hello!\n<extra_id_1>",
+        "Why did the chicken cross the road?\n<extra_id_1>",
+    ]
+    text = tok.decode(example["input_ids"])
+    assert f"{LABEL_TOKEN}verbosity:0\nHello!" in text and f"{LABEL_TOKEN}verbosity:3\nWhy did" in text
+    assert "<extra_id_1>Assistant\nNo.\n" in text  # the unlabelled middle turn: context only
 
 
 def test_an_unconditioned_final_turn_has_no_attribute_line(tok: Any) -> None:
@@ -455,10 +491,8 @@ def test_examples_from_rows(tok: Any) -> None:
         "<extra_id_0>System\nBe brief.\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n"
         "<extra_id_2>helpfulness:3,verbosity:2\nHello!\n<extra_id_1>"
     )
-    assert runs(tok, examples[1], trained=True) == [
-        "Hello!\n<extra_id_1>",
-        "Sure, here is one.\n<extra_id_1>",
-    ]
+    # the prompt's earlier assistant turn has no labels of its own: context, not trained
+    assert runs(tok, examples[1], trained=True) == ["Sure, here is one.\n<extra_id_1>"]
     assert "<extra_id_2>helpfulness:4\nSure" in tok.decode(examples[1]["input_ids"])
     assert stats.examples == 2
     assert stats.trained_tokens == sum(sum(x != IGNORE_INDEX for x in e["labels"]) for e in examples)
