@@ -4,6 +4,8 @@
     POST /v1/score              {prompt | messages, responses: [...]} -> the APM's attributes of each
     POST /v1/steer              {prompt | messages, attributes, candidates} -> candidates ranked by
                                 their distance to the attributes (the closest first)
+    POST /get_reward            OpenRLHF's remote reward model: {query: [...], prompts?: [...]} ->
+                                {rewards: [...]}, the APM's attributes weighted (serve.reward)
     GET  /v1/models             the served model, its context, attributes and defaults
     GET  /healthz               200 when the generator (and the APM) answer, else 503
 
@@ -45,6 +47,7 @@ from serve.protocol import (
     ChatCompletionRequest,
     LimitArgs,
     Profile,
+    RewardRequest,
     ScoreRequest,
     SteerRequest,
     check_count,
@@ -55,6 +58,7 @@ from serve.protocol import (
     turns_from_messages,
     turns_from_prompt_or_messages,
 )
+from serve.reward import ChatSplitter, SplitError, weighted_reward
 from serve.steerable import PromptTooLong, SteerablePrompts
 
 
@@ -92,11 +96,25 @@ class _Plan:
     turns: list[Turn]
 
 
+@dataclass(frozen=True)
+class Reward:
+    """`POST /get_reward`'s setup: the actor's chat template and the attribute weights."""
+
+    splitter: ChatSplitter
+    weights: Mapping[str, float]  # the non-zero weights by attribute (serve.reward.check_weights)
+
+
 class Frontend:
     def __init__(
-        self, settings: Settings, prompts: SteerablePrompts, generator: GeneratorClient, apm: ApmClient | None
+        self,
+        settings: Settings,
+        prompts: SteerablePrompts,
+        generator: GeneratorClient,
+        apm: ApmClient | None,
+        reward: Reward | None = None,
     ):
         self.settings, self.prompts, self.generator, self.apm = settings, prompts, generator, apm
+        self.reward = reward
 
     # --- requests -> jobs --------------------------------------------------------------------------
 
@@ -353,6 +371,50 @@ class Frontend:
             "data": data,
         }
 
+    async def get_reward(self, body: bytes) -> dict[str, Any]:
+        request: RewardRequest = parse_body(RewardRequest, body)
+        apm = self._need_apm()
+        if self.reward is None:
+            raise APIError(
+                404,
+                "this server has no reward setup: args.reward.chat_template_from names no tokenizer "
+                "with a chat template (the server log says why)",
+                code="reward_not_configured",
+            )
+        if not request.query:
+            raise APIError(
+                400, "query is empty; allowed: 1 or more strings", code="invalid_field", param="query"
+            )
+        check_count("query", len(request.query), self.settings.limits.max_queries)
+        if request.prompts is not None and len(request.prompts) != len(request.query):
+            raise APIError(
+                400,
+                f"prompts has {len(request.prompts)} entries and query {len(request.query)}; allowed: one "
+                "prompt per query, or no prompts",
+                code="invalid_field",
+                param="prompts",
+            )
+        split: list[tuple[str, str]] = []
+        for index, query in enumerate(request.query):
+            prompt = None if request.prompts is None else request.prompts[index]
+            try:
+                turns, response = self.reward.splitter.split(query, prompt)
+                split.append((join_prompt_turns(turns), response))
+            except (SplitError, ValueError) as exc:
+                raise APIError(
+                    400,
+                    f"query[{index}]: {exc}; the server splits queries with the actor's chat template "
+                    "(args.reward.chat_template_from)",
+                    code="invalid_field",
+                    param=f"query[{index}]",
+                ) from None
+        predictions = await asyncio.gather(*(apm.score(prompt, [response]) for prompt, response in split))
+        rows = [prediction[0] for prediction in predictions]
+        return {
+            "rewards": [round(weighted_reward(row, self.reward.weights), 6) for row in rows],
+            "attributes": [{name: round(row[SCHEMA.index(name)], 4) for name in apm.trained} for row in rows],
+        }
+
     def models(self) -> dict[str, Any]:
         profile = self.settings.profile
         model = {
@@ -504,6 +566,10 @@ def build_api(frontend: Frontend) -> FastAPI:
     @api.post("/v1/steer")
     async def steer(request: Request) -> Response:
         return await handle(request, frontend.steer)
+
+    @api.post("/get_reward")
+    async def get_reward(request: Request) -> Response:
+        return await handle(request, frontend.get_reward)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:

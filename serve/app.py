@@ -35,6 +35,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from helpsteer_core.config import ConfigError, StrictModel, apply_overrides, resolve_path
 from serve.protocol import LimitArgs, model_in
+from serve.reward import RewardArgs
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENTS = ("Ingress", "Generator", "APM")
@@ -68,6 +69,8 @@ class AppArgs(StrictModel):
     generator_batching: BatchArgs = BatchArgs()
     apm_batching: BatchArgs = BatchArgs(max_batch_size=32)
     api_key_env: str | None = "HELPSTEER_API_KEY"  # null: never ask for a key
+    # POST /get_reward (OpenRLHF's remote reward model; needs the APM): weights and actor template.
+    reward: RewardArgs = RewardArgs()
     # Beyond loopback the app refuses to start without a key; true serves openly on purpose (behind
     # an authenticating proxy, say).
     allow_unauthenticated: bool = False
@@ -137,6 +140,7 @@ def bind_app(args: AppArgs, options: Mapping[str, Mapping[str, Any]] | None = No
             "limits",
             "api_key_env",
             "allow_unauthenticated",
+            "reward",
         }
     )
     settings["engine"] = engine

@@ -22,10 +22,12 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
-from serve.api import Frontend, Settings, build_api
+from helpsteer_core.config import ConfigError
+from serve.api import Frontend, Reward, Settings, build_api
 from serve.app import check_exposure
 from serve.engine import Choice, ChoiceDelta, GenerationJob
 from serve.protocol import APIError, LimitArgs
+from serve.reward import ChatSplitter, RewardArgs, check_weights
 from serve.steerable import SteerablePrompts
 
 log = logging.getLogger("ray.serve")
@@ -147,6 +149,11 @@ class Ingress:
             generator: Any = VLLMGenerator(self.generator_handle, args["model_name"], self.prompts)
         else:
             generator = HandleGenerator(self.generator_handle)
+        reward = None
+        if apm is not None:
+            reward = _reward_setup(
+                RewardArgs.model_validate(args["reward"]), self.prompts.tokenizer, apm.trained
+            )
         settings = Settings(
             model_name=args["model_name"],
             profile=args["defaults"],
@@ -154,4 +161,20 @@ class Ingress:
             limits=LimitArgs.model_validate(args["limits"]),
             api_key=api_key or None,
         )
-        return build_api(Frontend(settings, self.prompts, generator, apm))
+        return build_api(Frontend(settings, self.prompts, generator, apm, reward))
+
+
+def _reward_setup(args: RewardArgs, generator_tokenizer: Any, trained: Sequence[str]) -> Reward | None:
+    """`/get_reward`'s splitter (the actor's chat template; the generator's own when none is named)
+    and checked weights. A setting the user gave that cannot work stops the app; with the defaults,
+    a generator without a chat template only turns the endpoint off, with a warning."""
+    from helpsteer_core.generator import load_generator_tokenizer
+
+    weights = check_weights(args.vector(), trained)
+    if args.chat_template_from is not None:
+        return Reward(ChatSplitter.from_tokenizer(load_generator_tokenizer(args.chat_template_from)), weights)
+    try:
+        return Reward(ChatSplitter.from_tokenizer(generator_tokenizer), weights)
+    except ConfigError as exc:
+        log.warning("ingress: POST /get_reward is off: %s", exc)
+        return None

@@ -38,6 +38,7 @@ class LimitArgs(StrictModel):
     default_max_tokens: int = Field(default=256, ge=1)
     max_n: int = Field(default=8, ge=1)  # cap on n, best_of and /v1/steer candidates
     max_responses: int = Field(default=32, ge=1)  # cap on responses per /v1/score request
+    max_queries: int = Field(default=256, ge=1)  # cap on queries per /get_reward request (OpenRLHF)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     request_timeout_s: float = Field(default=120.0, gt=0)  # then 408; a stream ends with an error event
 
@@ -110,6 +111,16 @@ class ScoreRequest(_Body):
     prompt: str | None = None  # a HelpSteer2 prompt (turns joined by <extra_id_1>), or:
     messages: list[Message] | None = None
     responses: list[str]
+
+
+class RewardRequest(_Body):
+    """OpenRLHF's remote reward request: prompt + response texts as the actor's chat template wrote
+    them, optionally the prompts alone; `labels` (reference answers for rule-based rewards) is
+    accepted and not used."""
+
+    query: list[str]
+    prompts: list[str] | None = None
+    labels: list[Any] | None = None
 
 
 class SteerRequest(_Body):

@@ -192,6 +192,32 @@ def test_score_returns_one_set_of_attributes_per_response(served: Served):
     assert alone["attributes"] == pytest.approx(data[2]["attributes"], abs=1e-3)  # batching changes nothing
 
 
+def test_get_reward_in_openrlhfs_shape_is_the_weighted_apm_attributes(served: Served):
+    from transformers import AutoTokenizer
+
+    from serve.reward import REWARD_PRESETS
+
+    # As OpenRLHF sends it: the actor's templated prompt (here the served generator's own chat
+    # template, the default) and the batch-decoded prompt + response + eos, special tokens kept.
+    actor = AutoTokenizer.from_pretrained(served.sft)
+    responses = ["Put it in boiling water for 8 minutes.", "No."]
+    prompt = actor.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    queries = [prompt + r + actor.eos_token for r in responses]
+    answer = served.post("/get_reward", {"query": queries, "prompts": [prompt] * 2, "labels": ["", ""]})
+    assert answer.status_code == 200, answer.text
+    rewards = answer.json()["rewards"]
+    scored = served.post("/v1/score", {"messages": USER, "responses": responses}).json()["data"]
+    weights = dict(zip(STEERLM.names, REWARD_PRESETS["llama3-70b-rewardbench"], strict=True))
+    expected = [sum(weights[n] * v for n, v in d["attributes"].items()) for d in scored]
+    assert rewards == pytest.approx(expected, abs=1e-3)
+    # Without `prompts` the split is at the last assistant header: the same rewards.
+    alone = served.post("/get_reward", {"query": queries}).json()["rewards"]
+    assert alone == pytest.approx(rewards, abs=1e-3)
+    assert served.post("/get_reward", {"query": queries}, key=None).status_code == 401
+    bad = served.post("/get_reward", {"query": ["no template"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query[0]"
+
+
 def test_best_of_returns_the_candidate_closest_to_the_request(client: Any, served: Served):
     wanted = {**HELPSTEER2, "verbosity": 0}
     steered = served.post(
