@@ -53,6 +53,7 @@ Nothing here imports ray, mlflow or deepspeed.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ from torch import Tensor
 from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes
 from helpsteer_core.config import ConfigError, StrictModel
 from helpsteer_core.conversation import (
+    LABEL_TOKEN,
     SPECIAL_TOKENS,
+    SYSTEM_TOKEN,
     TURN_TOKEN,
     Conversation,
     ConversationFormatError,
@@ -354,6 +357,100 @@ def generation_prompt_ids(
             f"plus max_new_tokens {max_new_tokens}"
         )
     return context_ids[max(0, len(context_ids) - budget) :] + header
+
+
+STEERABLE_MARK = "{#- helpsteer: steerable chat template -#}"
+BASE_MARKS = ("{#- helpsteer: base template -#}", "{#- helpsteer: end of base template -#}")
+
+
+def _jinja_attribute_line(schema: AttributeSchema) -> str:
+    """A jinja macro `_attrs(a)`: `format_attributes(a, schema)`, checking names and values."""
+    names = json.dumps(list(schema.names))
+    return (
+        "{%- macro _attrs(a) -%}"
+        "{%- for key in a -%}{%- if key not in " + names + " -%}"
+        "{{ raise_exception('attribute ' ~ key ~ ' is not in the schema; allowed: "
+        + ", ".join(schema.names)
+        + "') }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- set ns = namespace(parts=[]) -%}"
+        "{%- for name in " + names + " -%}{%- if a[name] is defined and a[name] is not none -%}"
+        "{%- if a[name] is not integer or a[name] < "
+        + str(schema.low)
+        + " or a[name] > "
+        + str(schema.high)
+        + " -%}"
+        "{{ raise_exception('attribute ' ~ name ~ ' must be an integer "
+        + f"{schema.low}-{schema.high}"
+        + "') }}"
+        "{%- endif -%}"
+        "{%- set ns.parts = ns.parts + [name ~ ':' ~ a[name]] -%}"
+        "{%- endif -%}{%- endfor -%}"
+        "{{- ns.parts | join(',') -}}"
+        "{%- endmacro -%}"
+    )
+
+
+def steerable_chat_template(
+    base: str | None, config: SFTDataConfig, schema: AttributeSchema = STEERLM
+) -> str:
+    """A chat template that renders the prompt the generator was trained on, attributes included,
+    so Hugging Face-native tools steer the exported model without our code:
+
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, attributes={"verbosity": 1})
+
+    (vLLM: `chat_template_kwargs={"attributes": {...}}`). An assistant message may carry its own
+    `attributes` (trained turns of a conversation); without any, the text is the base template's
+    (`chat`) or our NeMo rendering (`nemo`), so the training code reads the same prompts through it.
+    A conversation without a system message gets the trained system text (`config.system`), as
+    training did. The prompt equals `generation_prompt_ids` (tests/test_sft_data.py).
+    """
+    macro = STEERABLE_MARK + _jinja_attribute_line(schema)
+    system = json.dumps(config.system)
+    if config.template == "chat":
+        if not base:
+            raise ConfigError("template 'chat' needs the tokenizer's own chat template to build on")
+        if base.startswith(STEERABLE_MARK):  # a model trained from an exported one: wrap its base once
+            base = base.split(BASE_MARKS[0], 1)[1].split(BASE_MARKS[1], 1)[0]
+        base = BASE_MARKS[0] + base + BASE_MARKS[1]
+        prefix = json.dumps(CHAT_ATTRIBUTE_PREFIX)
+        return (
+            macro + "{%- set ns_m = namespace(msgs=[]) -%}"
+            "{%- if messages[0]['role'] != 'system' -%}"
+            "{%- set ns_m.msgs = [{'role': 'system', 'content': " + system + "}] -%}{%- endif -%}"
+            "{%- for m in messages -%}"
+            "{%- if m['role'] == 'assistant' and m['attributes'] is defined "
+            "and m['attributes'] is not none -%}"
+            "{%- set ns_m.msgs = ns_m.msgs + [{'role': 'assistant', 'content': "
+            + prefix
+            + " ~ _attrs(m['attributes']) ~ '\n' ~ m['content']}] -%}"
+            "{%- else -%}{%- set ns_m.msgs = ns_m.msgs + [m] -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- set messages = ns_m.msgs -%}"
+            + base
+            + "{%- if add_generation_prompt and attributes is defined "
+            "and attributes is not none -%}{{- " + prefix + " ~ _attrs(attributes) ~ '\n' -}}{%- endif -%}"
+        )
+    turn, label, system_token = json.dumps(TURN_TOKEN), json.dumps(LABEL_TOKEN), json.dumps(SYSTEM_TOKEN)
+    return (
+        macro + "{%- if messages[0]['role'] == 'system' -%}{%- set sys = messages[0]['content'] -%}"
+        "{%- set turns = messages[1:] -%}{%- else -%}{%- set sys = " + system + " -%}"
+        "{%- set turns = messages -%}{%- endif -%}"
+        "{{- " + system_token + " ~ 'System\n' ~ sys ~ '\n' -}}"
+        "{%- for m in turns -%}"
+        "{%- if m['role'] == 'user' -%}{{- " + turn + " ~ 'User\n' ~ m['content'] ~ '\n' -}}"
+        "{%- elif m['role'] == 'assistant' -%}{{- " + turn + " ~ 'Assistant\n' -}}"
+        "{%- if m['attributes'] is defined and m['attributes'] is not none -%}"
+        "{{- " + label + " ~ _attrs(m['attributes']) ~ '\n' -}}{%- endif -%}"
+        "{{- m['content'] ~ '\n' -}}"
+        "{%- else -%}"
+        "{{ raise_exception('role ' ~ m['role'] ~ '; allowed: system (first), user, assistant') }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- " + turn + " ~ 'Assistant\n' -}}"
+        "{%- if attributes is defined and attributes is not none -%}"
+        "{{- " + label + " ~ _attrs(attributes) ~ '\n' -}}{%- endif -%}"
+        "{%- elif turns and turns[-1]['role'] == 'assistant' -%}{{- " + turn + " -}}{%- endif -%}"
+    )
 
 
 def _present(value: Any) -> bool:

@@ -82,6 +82,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     quantile_levels,
+    steerable_chat_template,
     token_loss_sum,
     trained_mask,
     trained_token_count,
@@ -509,7 +510,13 @@ def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Pa
     config_out = copy.deepcopy(module.config)  # save_pretrained records the training dtype
     config_out.dtype, config_out.use_cache = dtype, True
     config_out.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    # Its chat template renders the trained prompt from an `attributes` argument, so HF-native
+    # tools (vLLM's OpenAI server, pipelines) steer the model without our code.
+    exported_tokenizer = copy.deepcopy(tokenizer)
+    exported_tokenizer.chat_template = steerable_chat_template(
+        tokenizer.chat_template, config.examples, SCHEMA
+    )
+    exported_tokenizer.save_pretrained(folder)
     SCHEMA.save(folder)
     (folder / "sft_config.yaml").write_text(dump_config(config) + yaml.safe_dump({"exported": exported}))
 

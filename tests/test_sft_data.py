@@ -12,13 +12,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from helpsteer_core.attributes import STEERLM
 from helpsteer_core.conversation import (
     LABEL_TOKEN,
     SPECIAL_TOKENS,
@@ -43,6 +47,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     quantile_levels,
+    steerable_chat_template,
     token_loss_sum,
     trained_mask,
     trained_token_count,
@@ -725,3 +730,76 @@ def test_helpsteer2_rows_become_bounded_examples(smollm2_tok: Any, helpsteer2_sa
     assert stats.response_cut > 0 and stats.prompt_trimmed > 0
     packs = pack_examples(examples, 256)
     assert sum(len(p["input_ids"]) for p in packs) == sum(len(e["input_ids"]) for e in examples)
+
+
+# --- the exported chat template: HF-native steering -----------------------------------------------
+
+_TEXT = st.text(alphabet="abc xyz?!.\n", min_size=1, max_size=12).filter(lambda t: t.strip() == t and t)
+_ATTRIBUTES = st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4))
+
+
+def _steerable(tokenizer: Any, template: str, system: str) -> tuple[Any, SFTDataConfig]:
+    config = SFTDataConfig(template=template, system=system)
+    tokenizer = copy.deepcopy(tokenizer)
+    prepare_tokenizer_for_template(tokenizer, template=template)
+    tokenizer.chat_template = steerable_chat_template(tokenizer.chat_template, config)
+    return tokenizer, config
+
+
+@pytest.mark.parametrize("template", ["chat", "nemo"])
+@settings(max_examples=60, deadline=None)
+@given(
+    exchanges=st.lists(st.tuples(_TEXT, _TEXT, st.one_of(st.none(), _ATTRIBUTES)), max_size=2),
+    question=_TEXT,
+    attributes=st.one_of(st.none(), _ATTRIBUTES),
+    system=st.sampled_from(["", "Be brief."]),
+    give_system=st.booleans(),
+)
+def test_the_exported_chat_template_renders_the_trained_prompt(
+    base_tokenizer: Any,
+    template: str,
+    exchanges: list,
+    question: str,
+    attributes: Any,
+    system: str,
+    give_system: bool,
+) -> None:
+    tokenizer, config = _steerable(base_tokenizer, template, system)
+    turns: list[Turn] = []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if give_system else []
+    for user, answer, own in exchanges:
+        turns += [Turn("User", user), Turn("Assistant", answer, own)]
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer, "attributes": own},
+        ]
+    turns.append(Turn("User", question))
+    messages.append({"role": "user", "content": question})
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, attributes=attributes
+    )
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == generation_prompt_ids(
+        turns, attributes, tokenizer, config
+    )
+
+
+def test_the_exported_chat_template_steers_smollm2_and_checks_attributes(smollm2_tok: Any) -> None:
+    tokenizer, config = _steerable(smollm2_tok, "chat", "")
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    for attributes in ({"verbosity": 0, "complexity": 4}, {"helpfulness": 4, "verbosity": 2}, None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, attributes=attributes)
+        ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        assert list(ids) == generation_prompt_ids(
+            [Turn("User", "Why is the sky blue?")], attributes, tokenizer, config
+        )
+    # Without attributes the template is the base one, so training renders through it unchanged;
+    # a model trained from an exported one wraps the base once, not the wrapper.
+    assert steerable_chat_template(tokenizer.chat_template, config) == tokenizer.chat_template
+    with pytest.raises(Exception, match="must be an integer 0-4"):
+        tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, attributes={"verbosity": 7}
+        )
+    with pytest.raises(Exception, match="fluency is not in the schema"):
+        tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, attributes={"fluency": 1}
+        )

@@ -91,6 +91,10 @@ def test_zero3_on_two_workers_learns_and_exports_a_model_that_generates(zero3_ru
     tokenizer = AutoTokenizer.from_pretrained(out)
     turns = [Turn("User", "Describe France in one sentence.")]
     prompt = generation_prompt_ids(turns, {"verbosity": 4}, tokenizer, SFTDataConfig(template="chat"))
+    # The exported chat template steers with no code of ours: HF-native tools get the same prompt.
+    messages = [{"role": "user", "content": "Describe France in one sentence."}]
+    native = tokenizer.apply_chat_template(messages, add_generation_prompt=True, attributes={"verbosity": 4})
+    assert list(native["input_ids"] if "input_ids" in native else native) == prompt
     generated = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
     assert generated.shape[1] > len(prompt)
 
