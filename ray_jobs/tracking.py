@@ -180,6 +180,17 @@ class WorkerMetrics:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+    @classmethod
+    def for_loop(cls, loop_config: Mapping[str, Any], rank: int, tracking: TrackingConfig) -> WorkerMetrics:
+        """The worker's writer from a training loop's config (`tracking_uri`, `run_id`)."""
+        return cls(
+            loop_config["tracking_uri"],
+            loop_config["run_id"],
+            rank,
+            tracking.retries,
+            tracking.retry_backoff_s,
+        )
+
     def log(self, metrics: Mapping[str, float], step: int) -> bool:
         """True when the metrics reached the tracking store (or there is nothing to log)."""
         if self.client is None or self.run_id is None:

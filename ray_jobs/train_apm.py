@@ -308,13 +308,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"{world} workers = {config.batch_size * world} rows/step; {per_epoch} steps/epoch; "
             f"steps {start_step}..{total}; {engine}"
         )
-    tracker = WorkerMetrics(
-        loop_config["tracking_uri"],
-        loop_config["run_id"],
-        rank,
-        config.tracking.retries,
-        config.tracking.retry_backoff_s,
-    )
+    tracker = WorkerMetrics.for_loop(loop_config, rank, config.tracking)
     pad = pad_token_id(tokenizer)
     training.forward.train()
     window_tokens, window_seconds = 0, 0.0  # training steps only: evaluation is not counted

@@ -384,13 +384,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             f"ZeRO-{config.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}; "
             f"{_trained_summary(model, config)}"
         )
-    tracker = WorkerMetrics(
-        loop_config["tracking_uri"],
-        loop_config["run_id"],
-        rank,
-        config.tracking.retries,
-        config.tracking.retry_backoff_s,
-    )
+    tracker = WorkerMetrics.for_loop(loop_config, rank, config.tracking)
     pad = tokenizer.pad_token_id
     engine.train()
     batches, current_epoch = [], -1

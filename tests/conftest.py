@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,3 +236,15 @@ def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_base() -> Any:
+    """The packaged SmolLM2-135M-Instruct's tokenizer (converted from its GGUF once, then cached);
+    tests that change it take a copy."""
+    from helpsteer_core.generator import SMOLLM2, GeneratorSourceError, load_generator_tokenizer
+
+    try:
+        return load_generator_tokenizer(SMOLLM2)
+    except GeneratorSourceError as exc:  # the package is installed with --no-deps, outside pyproject
+        pytest.skip(str(exc))

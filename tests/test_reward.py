@@ -43,14 +43,9 @@ CONVERSATION = [
 RESPONSE = "Because the Earth turns through two bulges of water,\none facing the Moon and one opposite."
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
-    from helpsteer_core.generator import SMOLLM2, GeneratorSourceError, load_generator_tokenizer
-
-    try:
-        return load_generator_tokenizer(SMOLLM2)
-    except GeneratorSourceError as exc:  # the package is installed with --no-deps, outside pyproject
-        pytest.skip(str(exc))
+@pytest.fixture
+def smollm2(smollm2_base: Any) -> Any:
+    return smollm2_base
 
 
 @pytest.fixture(scope="module")

@@ -103,16 +103,6 @@ def tok(base_tokenizer: Any) -> Any:
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def smollm2_base() -> Any:
-    from helpsteer_core.generator import SMOLLM2, GeneratorSourceError, load_generator_tokenizer
-
-    try:
-        return load_generator_tokenizer(SMOLLM2)
-    except GeneratorSourceError as exc:  # the package is installed with --no-deps, outside pyproject
-        pytest.skip(str(exc))
-
-
 @pytest.fixture
 def smollm2_tok(smollm2_base: Any) -> Any:
     return copy.deepcopy(smollm2_base)
