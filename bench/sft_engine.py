@@ -39,8 +39,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 
 
-def time_layout(layout: dict[str, Any], examples: list, tokenizer: Any, steps: int) -> float:
-    """Tokens/s over steps 2..`steps` of one layout."""
+def time_layout(
+    layout: dict[str, Any], examples: list, tokenizer: Any, steps: int, use_gpu: bool = False
+) -> float:
+    """Tokens/s over steps 2..`steps` of one layout (on the GPU with `use_gpu`: bench/gpu_check.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -60,9 +62,9 @@ def time_layout(layout: dict[str, Any], examples: list, tokenizer: Any, steps: i
         total_steps=steps,
         schedule="constant",
         grad_clip=1.0,
-        use_gpu=False,
+        use_gpu=use_gpu,
     )
-    dtype = torch.bfloat16 if settings.bf16(False) else torch.float32
+    dtype = torch.bfloat16 if settings.bf16(use_gpu) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cached_smollm2(), dtype=dtype)
     model.config.use_cache = False
     if layout["layers"]:
@@ -76,10 +78,14 @@ def time_layout(layout: dict[str, Any], examples: list, tokenizer: Any, steps: i
         for micro in (rows[i : i + 2] for i in range(0, 8, 2)):
             batch = collate_sft(micro, tokenizer.pad_token_id)
             extra = {"logits_to_keep": trained_mask(batch["labels"])} if layout["keep"] else {}
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            extra = {k: v.to(engine.device) for k, v in extra.items()}
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             logits = engine(**inputs, **extra).logits
             backward_and_step(engine, token_loss_sum(logits, batch["labels"]) / 600.0)
             step_tokens += int(batch["attention_mask"].sum())
+        if use_gpu:
+            torch.cuda.synchronize()
         if step > 0:
             tokens, seconds = tokens + step_tokens, seconds + time.perf_counter() - started
     return tokens / seconds

@@ -1,0 +1,44 @@
+"""bench/gpu_check.py runs before a GPU is lent: the same steps on the CPU at small sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "MASTER_PORT": "29561"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = {s["step"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
+    assert {name: s["status"] for name, s in steps.items()} == {
+        "cuda": "skipped",  # --device cpu
+        "generation": "pass",
+        "apm": "pass",
+        "sft_deepspeed": "pass",
+        "vllm": "skipped",  # not installed here
+    }
+    for name in ("generation", "apm", "sft_deepspeed"):
+        assert float(steps[name]["figure"].split()[0]) > 0, steps[name]
+    assert "5 of 5 steps did not fail" in done.stdout
