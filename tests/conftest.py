@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +249,74 @@ def smollm2_base() -> Any:
         return load_generator_tokenizer(SMOLLM2)
     except GeneratorSourceError as exc:  # the package is installed with --no-deps, outside pyproject
         pytest.skip(str(exc))
+
+
+class MlflowServer:
+    """`mlflow server` as operations.md launches it: a backend store and an artifacts destination.
+
+    It listens on this machine's node address, the one Ray reports and `{head}` in a stage's
+    `tracking_uri` becomes under `ray job submit` (not loopback), and allows only that Host header.
+    """
+
+    def __init__(self, root: Path, port: int) -> None:
+        import ray.util
+
+        self.root, self.port = root, port
+        self.host = ray.util.get_node_ip_address()
+        self.url = f"http://{self.host}:{port}"
+        self.backend = root / "mlflow.db"
+        self.artifacts = root / "artifacts"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+        self.proc = subprocess.Popen(
+            [
+                mlflow_bin,
+                "server",
+                f"--host={self.host}",
+                f"--port={self.port}",
+                f"--allowed-hosts={self.host}:*",
+                "--workers=1",
+                f"--backend-store-uri=sqlite:///{self.backend}",
+                f"--artifacts-destination={self.artifacts}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its workers go with it when the group is stopped
+        )
+
+    def wait(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, "mlflow server exited"
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server on {self.url} did not answer in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One `mlflow server` for the session (it takes minutes to start on a loaded 2-core machine);
+    a test that stops it starts it again before it ends."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), _free_port())
+    server.start()
+    try:
+        server.wait()
+        yield server
+    finally:
+        server.stop()

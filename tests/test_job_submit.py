@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from helpsteer_core.synthetic import write_synthetic
@@ -48,16 +49,24 @@ def _documented_line(heading: str) -> list[str]:
     return shlex.split(block.replace("\\\n", " "))
 
 
-def test_the_documented_filter_line_runs_as_written(ray_head, tmp_path):
-    """docs/operations.md's line, with only its shared-storage root pointed at a temporary folder."""
+def test_the_documented_filter_line_runs_as_written(ray_head, mlflow_server, tmp_path):
+    """docs/operations.md's line, with only its shared-storage root pointed at a temporary folder
+    and its MLflow server's port at the test's server (`{head}` is still resolved by the stage)."""
     line = _documented_line("Filter (Ray Data, CPU):")
     assert "data=/mnt/shared/data/helpsteer2" in line
+    assert "tracking.tracking_uri=http://{head}:5000" in line
     write_synthetic(tmp_path / "data" / "helpsteer2", rows=120, seed=12)
-    done = _run(ray_head, [word.replace("/mnt/shared", str(tmp_path)) for word in line])
+    port = mlflow_server.url.rsplit(":", 1)[1]
+    words = [w.replace("/mnt/shared", str(tmp_path)).replace("{head}:5000", "{head}:" + port) for w in line]
+    done = _run(ray_head, words)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stats = json.loads((tmp_path / "runs" / "filtered" / "stats.json").read_text())
     assert stats["total"]["input_rows"] == 120 and stats["total"]["reconciles"]
-    assert runs_for(TrackingConfig(runs_dir=str(tmp_path / "runs")), "filter_data")
+    # The run went to the server, not to a sqlite file in runs_dir.
+    tracking = TrackingConfig(runs_dir=str(tmp_path / "runs"), tracking_uri=mlflow_server.url)
+    assert [r.info.status for r in runs_for(tracking, "filter_data")] == ["FINISHED"]
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+    mlflow.set_tracking_uri(None)  # runs_for pointed this process at the server
 
 
 def test_filter_stage_through_ray_job_submit(ray_head, tmp_path):

@@ -8,18 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import MlflowServer, _free_port
 
 from helpsteer_core.config import StrictModel
 from ray_jobs.pipeline import PipelineConfig, stage_tracking
@@ -28,75 +24,15 @@ from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`mlflow server` as operations.md launches it: a backend store and an artifacts destination."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.backend = root / "mlflow.db"
-        self.artifacts = root / "artifacts"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        self.proc = subprocess.Popen(
-            [
-                mlflow_bin,
-                "server",
-                "--host=127.0.0.1",
-                f"--port={self.port}",
-                "--workers=1",
-                f"--backend-store-uri=sqlite:///{self.backend}",
-                f"--artifacts-destination={self.artifacts}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its workers go with it when the group is stopped
-        )
-
-    def wait(self, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, "mlflow server exited"
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"mlflow server on {self.url} did not answer in {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the module (it takes minutes to start on a loaded 2-core machine)."""
+def server(mlflow_server: MlflowServer) -> Iterator[MlflowServer]:
+    """The session's server (conftest), with MLflow's own HTTP retries off as WorkerMetrics sets them."""
     # WorkerMetrics turns MLflow's own HTTP retries off in its process; keep that to this module.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    srv = Server(tmp_path_factory.mktemp("mlflow-server"), _free_port())
-    srv.start()
     try:
-        srv.wait()
-        yield srv
+        yield mlflow_server
     finally:
-        srv.stop()
         mlflow.set_tracking_uri(None)
         for key, value in saved.items():
             if value is None:
@@ -109,7 +45,7 @@ class _Stage(StrictModel):
     data: str = "unit"
 
 
-def test_stage_and_worker_log_over_http_to_the_servers_store(server: Server, tmp_path: Path, caplog):
+def test_stage_and_worker_log_over_http_to_the_servers_store(server: MlflowServer, tmp_path: Path, caplog):
     runs = tmp_path / "runs"
     tracking = TrackingConfig(runs_dir=str(runs), tracking_uri=server.url, experiment="cluster")
     report = tmp_path / "stats.json"
@@ -132,7 +68,9 @@ def test_stage_and_worker_log_over_http_to_the_servers_store(server: Server, tmp
     assert [m.value for m in client.get_metric_history(tracked.run_id, "loss")] == [1.0, 0.5]
     # The server alone wrote its backend store and artifact destination; nothing went to runs_dir.
     assert server.backend.is_file() and not (runs / "mlflow.db").exists()
-    assert [p.name for p in server.artifacts.rglob("stats.json")] == ["stats.json"]
+    # (the session's server also holds other tests' runs: this run's artifacts are under its id)
+    mine = [p.name for p in server.artifacts.rglob("stats.json") if tracked.run_id in p.parts]
+    assert mine == ["stats.json"]
     assert "dropped after 1 attempt(s)" in caplog.text
 
 
@@ -166,7 +104,7 @@ def test_pipeline_tracking_section_reaches_every_stage(tmp_path: Path):
         PipelineConfig.model_validate({"tracking": {"tracking_url": "http://x"}})
 
 
-def test_worker_write_waits_out_a_server_restart(server: Server):
+def test_worker_write_waits_out_a_server_restart(server: MlflowServer):
     client = mlflow.MlflowClient(server.url)
     run_id = client.create_run(client.create_experiment("restart")).info.run_id
     server.stop()
