@@ -36,6 +36,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+
+class Skipped(Exception):
+    """A step that cannot run here (no GPU asked for, a package not installed): not a failure."""
+
+
+def _need(package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise Skipped(f"{package} is not installed")
+
+
 QUESTIONS = [
     "Why is the sky blue?",
     "How do tides work?",
@@ -48,7 +61,7 @@ def check_cuda(device: str, quick: bool) -> tuple[str, str]:
     import torch
 
     if device == "cpu":
-        return "skipped", "--device cpu"
+        raise Skipped("--device cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("torch.cuda.is_available() is False")
     major, minor = torch.cuda.get_device_capability()
@@ -110,10 +123,7 @@ def check_apm(device: str, quick: bool) -> tuple[str, str]:
 
 
 def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        return "skipped", "deepspeed is not installed"
+    _need("deepspeed")
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
     os.environ.setdefault("MASTER_PORT", "29541")
     from sft import synthetic_examples  # bench/sft.py
@@ -136,12 +146,9 @@ def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
 
 
 def check_vllm(device: str, quick: bool) -> tuple[str, str]:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return "skipped", "vllm is not installed"
+    _need("vllm")
     if device != "cuda":
-        return "skipped", "vLLM needs a GPU"
+        raise Skipped("vLLM needs a GPU")
     from vllm import LLM, SamplingParams
 
     from helpsteer_core.generator import cached_smollm2
@@ -179,8 +186,9 @@ def run_steps(device: str, quick: bool) -> list[dict[str, Any]]:
         started = time.perf_counter()
         try:
             figure, detail = step(device, quick)
-            status = "skipped" if figure == "skipped" else "pass"
-            figure = "" if status == "skipped" else figure
+            status = "pass"
+        except Skipped as skip:
+            status, figure, detail = "skipped", "", str(skip)
         except Exception as exc:  # noqa: BLE001 - every step reports; one failure does not stop the rest
             status, figure = "fail", ""
             detail = f"{type(exc).__name__}: {exc}"

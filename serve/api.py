@@ -58,7 +58,7 @@ from serve.protocol import (
     turns_from_messages,
     turns_from_prompt_or_messages,
 )
-from serve.reward import ChatSplitter, SplitError, weighted_reward
+from serve.reward import ChatSplitter, weighted_reward
 from serve.steerable import PromptTooLong, SteerablePrompts
 
 
@@ -400,7 +400,7 @@ class Frontend:
             try:
                 turns, response = self.reward.splitter.split(query, prompt)
                 split.append((join_prompt_turns(turns), response))
-            except (SplitError, ValueError) as exc:
+            except ValueError as exc:  # SplitError, or turns that do not alternate
                 raise APIError(
                     400,
                     f"query[{index}]: {exc}; the server splits queries with the actor's chat template "

@@ -188,7 +188,7 @@ class ChatSplitter:
         given (the query must start with it), else everything up to the last assistant header."""
         if prompt is not None:
             at = query.find(prompt)
-            if at < 0 or not all(t in self.strip for t in _tokens_before(query[:at], self.strip)):
+            if at < 0 or not _only_tokens(query[:at], self.strip):
                 raise SplitError("the query does not start with its prompt")
             response = query[at + len(prompt) :]
         else:
@@ -200,18 +200,14 @@ class ChatSplitter:
         return turns, _strip_end(response, self.strip)
 
 
-def _tokens_before(text: str, tokens: Sequence[str]) -> list[str]:
-    """`text` as a run of `tokens` (left padding, bos); a non-token remainder is returned as is."""
-    out: list[str] = []
+def _only_tokens(text: str, tokens: Sequence[str]) -> bool:
+    """True when `text` is a run of `tokens` (left padding, bos), or empty."""
     while text:
-        for token in tokens:
-            if text.startswith(token):
-                out.append(token)
-                text = text[len(token) :]
-                break
-        else:
-            return [*out, text]
-    return out
+        token = next((t for t in tokens if text.startswith(t)), None)
+        if token is None:
+            return False
+        text = text[len(token) :]
+    return True
 
 
 def _find_prefix(text: str, head: str, tokens: Sequence[str]) -> int | None:
@@ -219,7 +215,7 @@ def _find_prefix(text: str, head: str, tokens: Sequence[str]) -> int | None:
     at = text.find(head) if head else 0
     if at < 0:
         return None
-    if all(t in tokens for t in _tokens_before(text[:at], tokens)):
+    if _only_tokens(text[:at], tokens):
         return at + len(head)
     return None
 
