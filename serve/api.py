@@ -8,6 +8,8 @@
                                 {rewards: [...]}, the APM's attributes weighted (serve.reward)
     GET  /v1/models             the served model, its context, attributes and defaults
     GET  /healthz               200 when the generator (and the APM) answer, else 503
+    GET  /                      the steering playground (serve/static: a page that talks only to
+                                the endpoints above, with the key the user types into it)
 
 `Frontend` is the logic: decode and check a request, build the exact prompt the generator was
 trained on (`serve.steerable`), call the generator and the APM through the small client
@@ -32,10 +34,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES
@@ -76,6 +80,9 @@ class ApmClient(Protocol):
     async def score(self, prompt: str, responses: Sequence[str]) -> list[list[float]]: ...
 
     async def ready(self) -> None: ...
+
+
+STATIC = Path(__file__).with_name("static")
 
 
 @dataclass(frozen=True)
@@ -581,6 +588,12 @@ def build_api(frontend: Frontend) -> FastAPI:
         status, body = await frontend.health()
         return JSONResponse(body, status_code=status)
 
+    # The playground is public static files, like any web client: the key stays in the user's tab.
+    @api.get("/")
+    async def playground() -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
     return api
 
 
