@@ -20,7 +20,9 @@ from playwright.sync_api import sync_playwright
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000/")
     parser.add_argument("--question", action="append", required=True, help="repeat for several turns")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")

@@ -56,12 +56,12 @@ import bisect
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes
@@ -97,6 +97,25 @@ class SFTDataConfig(StrictModel):
     system: str = ""
     # Concatenate examples into sequences of up to max_length tokens (`pack_examples`).
     pack: bool = False
+    # The attributes the attribute line carries, as in the HelpSteer paper's ablations: the others
+    # are left out of it in training and at inference (serve, evaluate, the exported chat template
+    # all render through this section). None: every attribute a row or request has.
+    condition_on: list[str] | None = None
+
+    @field_validator("condition_on")
+    @classmethod
+    def _known_attributes(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            allowed = ", ".join(STEERLM.names)
+            raise ValueError(f"is empty; allowed: null (every attribute) or some of {allowed}")
+        for name in names:
+            if name not in STEERLM.names:
+                raise ValueError(f"unknown attribute {name!r}; allowed: {', '.join(STEERLM.names)}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"names an attribute twice: {names}")
+        return [name for name in STEERLM.names if name in names]  # schema order, as rendered
 
 
 @dataclass
@@ -263,6 +282,17 @@ def _render(
 ) -> _Rendered:
     if not conversation.turns or conversation.turns[-1].role != "Assistant":
         raise ConversationFormatError("an SFT example must end with an Assistant turn (the trained response)")
+    if config.condition_on is not None:
+        kept = config.condition_on
+        conversation = replace(
+            conversation,
+            turns=tuple(
+                turn
+                if turn.attributes is None
+                else replace(turn, attributes={k: v for k, v in turn.attributes.items() if k in kept})
+                for turn in conversation.turns
+            ),
+        )
     if config.template == "nemo":
         _check_nemo_tokenizer(tokenizer)
         return _render_nemo(conversation, schema)
@@ -363,9 +393,11 @@ STEERABLE_MARK = "{#- helpsteer: steerable chat template -#}"
 BASE_MARKS = ("{#- helpsteer: base template -#}", "{#- helpsteer: end of base template -#}")
 
 
-def _jinja_attribute_line(schema: AttributeSchema) -> str:
-    """A jinja macro `_attrs(a)`: `format_attributes(a, schema)`, checking names and values."""
+def _jinja_attribute_line(schema: AttributeSchema, rendered: Sequence[str] | None = None) -> str:
+    """A jinja macro `_attrs(a)`: `format_attributes(a, schema)` of the attributes in `rendered`
+    (default: all), checking every name and value against the schema."""
     names = json.dumps(list(schema.names))
+    shown = json.dumps(list(rendered if rendered is not None else schema.names))
     return (
         "{%- macro _attrs(a) -%}"
         "{%- for key in a -%}{%- if key not in " + names + " -%}"
@@ -374,7 +406,7 @@ def _jinja_attribute_line(schema: AttributeSchema) -> str:
         + "') }}"
         "{%- endif -%}{%- endfor -%}"
         "{%- set ns = namespace(parts=[]) -%}"
-        "{%- for name in " + names + " -%}{%- if a[name] is defined and a[name] is not none -%}"
+        "{%- for name in " + shown + " -%}{%- if a[name] is defined and a[name] is not none -%}"
         "{%- if a[name] is not integer or a[name] < "
         + str(schema.low)
         + " or a[name] > "
@@ -405,7 +437,7 @@ def steerable_chat_template(
     A conversation without a system message gets the trained system text (`config.system`), as
     training did. The prompt equals `generation_prompt_ids` (tests/test_sft_data.py).
     """
-    macro = STEERABLE_MARK + _jinja_attribute_line(schema)
+    macro = STEERABLE_MARK + _jinja_attribute_line(schema, config.condition_on)
     system = json.dumps(config.system)
     if config.template == "chat":
         if not base:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from pydantic import Field
 
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
@@ -61,7 +62,7 @@ from helpsteer_core.steering import (
 )
 from ray_jobs.generation import GenerationSettings, generate_on_ray
 from ray_jobs.judge import EvaluateJudge, check_ready, judge
-from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
+from ray_jobs.runtime import ensure_ray, quiet_ray_data, run_as_task, stage_main
 from ray_jobs.tracking import TrackingConfig, stage_run
 
 log = logging.getLogger("helpsteer.evaluate")
@@ -274,9 +275,17 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
                         **measure(answer["response"]),
                     }
                 )
-        if apm is not None:
-            _score(apm, records)
-        relevance = _relevance(records, defaults, config.relevance_encoder) if real_files else {}
+        # The APM and the relevance encoder run in a task with an actor's resources, not here.
+        records, relevance = run_as_task(
+            _model_scores,
+            apm,
+            records,
+            defaults,
+            config.relevance_encoder if real_files else None,
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor,
+            pass_device=True,
+        )
         results = _sweep_results(records, list(models), "synthetic", list(counts))
         real_results = _sweep_results(records, list(models), "real", list(real_counts)) if real_counts else {}
         pq.write_table(pa.Table.from_pylist(records), staging / "responses.parquet")
@@ -443,14 +452,26 @@ def _side_by_side(
     ]
 
 
-def _score(apm: Path, records: list[dict[str, Any]]) -> None:
-    """Adds the APM's predictions (`apm_<attribute>`) of the attributes it was trained on."""
-    model = AttributePredictionModel.from_pretrained(apm, SCHEMA)
-    trained = load_trained_attributes(apm, SCHEMA)
-    pred = predict(model, model.tokenizer, [r["prompt"] for r in records], [r["response"] for r in records])
-    for row, values in zip(records, pred, strict=True):
-        for name in trained:
-            row[f"apm_{name}"] = float(values[SCHEMA.index(name)])
+def _model_scores(
+    apm: Path | None,
+    records: list[dict[str, Any]],
+    defaults: dict[str, int],
+    encoder: str | None,
+    device: str,
+    dtype: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records with the APM's predictions (`apm_<attribute>`, the attributes it was trained
+    on; with an APM) and relevance (with an encoder), and the relevance summary."""
+    if apm is not None:
+        model = AttributePredictionModel.from_pretrained(apm, SCHEMA, dtype=getattr(torch, dtype))
+        trained = load_trained_attributes(apm, SCHEMA)
+        prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
+        pred = predict(model, model.tokenizer, prompts, responses, device=device)
+        for row, values in zip(records, pred, strict=True):
+            for name in trained:
+                row[f"apm_{name}"] = float(values[SCHEMA.index(name)])
+    relevance = _relevance(records, defaults, encoder) if encoder is not None else {}
+    return records, relevance
 
 
 def _mt_bench(

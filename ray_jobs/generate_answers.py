@@ -41,7 +41,7 @@ from helpsteer_core.answers import (
     shorter_rows,
 )
 from helpsteer_core.config import dump_config, resolve_path
-from helpsteer_core.generator import SMOLLM2, resolve_generator
+from helpsteer_core.generator import SMOLLM2
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.sft_data import SFTDataConfig
 from ray_jobs.generation import GenerationSettings, generate_on_ray
@@ -82,7 +82,7 @@ def run(config: AnswersConfig) -> dict[str, Any]:
     out = resolve_path(config.out)
     staging = prepare_output(out, "generate_answers")  # a folder this stage did not write is refused now
     requests = answer_requests(pick_questions(config.questions, config.seed), config.styles)
-    model = resolve_generator(config.generator)
+    model = config.generator  # resolved by each generator actor on its node, never here
     resolved = config.model_copy(update={"out": str(out)})
     log.info(
         "answers: %d questions x %d styles = %d answers by %s, at most %d new tokens each",

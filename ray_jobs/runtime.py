@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from pydantic import BaseModel
@@ -24,6 +24,7 @@ from helpsteer_core.readers import SourceError
 from ray_jobs import console
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Errors in what the user gave (config, paths, data, an `out` that is not the stage's): one line
 # and exit status 2. Anything else, a plain ValueError included, is a bug and keeps its traceback.
 STAGE_ERRORS = (ConfigError, SourceError, AttributeValueError, OutputError, FileNotFoundError)
@@ -103,6 +104,74 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, verbose: bool) 
     runs = getattr(config, "runs_dir", None) or getattr(getattr(config, "tracking", None), "runs_dir", None)
     with console.stage_console(name, resolve_path(runs or "."), verbose or runs is None):
         return run(config)
+
+
+def device_for_gpus(gpus: float, cuda_available: bool) -> tuple[str, str]:
+    """(device, dtype name) for a task, actor or replica given the GPUs Ray assigned it: cuda and
+    bfloat16 when it has one and CUDA sees it, else cpu and float32 (bf16 on CPU costs accuracy
+    for little)."""
+    if gpus > 0 and cuda_available:
+        return "cuda", "bfloat16"
+    if gpus > 0:
+        log.warning("assigned %s GPU(s) but CUDA sees none: running on CPU", gpus)
+    return "cpu", "float32"
+
+
+def use_assigned_resources() -> tuple[int, str, str]:
+    """Inside a Ray task, actor or replica: torch threads = the CPUs Ray assigned (at least 1).
+    Returns (threads, device, dtype name), the last two `device_for_gpus` of its GPUs."""
+    import torch
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    threads = max(1, int(assigned.get("CPU", 0)))
+    torch.set_num_threads(threads)
+    return threads, *device_for_gpus(float(assigned.get("GPU", 0)), torch.cuda.is_available())
+
+
+def run_as_task(
+    fn: Callable[..., T],
+    *args: Any,
+    num_cpus: float,
+    num_gpus: float = 0,
+    here: bool = False,
+    pass_device: bool = False,
+    **kwargs: Any,
+) -> T:
+    """`fn(*args, **kwargs)` as one Ray task with these resources; its result (or its exception).
+
+    The stages' model work outside training and generation (evaluating and scoring with the APM,
+    the relevance encoder, converting the packaged generator) runs this way, never in the driver:
+    a cluster job's driver sits on a head pod sized for planning (8-32 GiB), and a GPU is visible
+    only to a task that asks for it. `here`: on the driver's node, for work whose output is a
+    node-local path the driver reads next (a model cache folder). `pass_device`: `fn` also gets
+    `device=` and `dtype=` (a dtype name), those of the GPUs the task was given
+    (`use_assigned_resources`), and runs with as many torch threads as it has CPUs.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 0}
+    if here:
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    if pass_device:
+        return ray.get(ray.remote(_with_device).options(**options).remote(fn, args, kwargs))
+    return ray.get(ray.remote(fn).options(**options).remote(*args, **kwargs))
+
+
+def _with_device(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+    _, device, dtype = use_assigned_resources()
+    return fn(*args, device=device, dtype=dtype, **kwargs)
+
+
+def prepare_generator(name: str) -> None:
+    """A packaged generator (`package:...`) is converted to its Hugging Face folder by a task on
+    this node (once: later calls find the folder), so that this process can read its tokenizer
+    and config without ever loading its weights. Hub ids and folders need nothing."""
+    from helpsteer_core.generator import resolve_generator
+
+    if name.startswith("package:"):
+        # 0 CPUs: a head node often offers none to tasks, and this one only converts a small model.
+        run_as_task(resolve_generator, name, num_cpus=0, here=True)
 
 
 def fit_trainer(

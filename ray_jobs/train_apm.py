@@ -79,7 +79,7 @@ from ray_jobs.deepspeed_engine import (
     save_engine,
     zero3_init,
 )
-from ray_jobs.runtime import ensure_ray, fit_trainer, stage_main
+from ray_jobs.runtime import ensure_ray, fit_trainer, run_as_task, stage_main
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_apm")
@@ -360,33 +360,34 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         training.report({"step": total}, total, save=True, final=True)
 
 
-def evaluate_apm(model_dir: Path, data: Path, out: Path, train_data: Path | None = None) -> dict[str, Any]:
+def evaluate_apm(
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    train_data: Path | None = None,
+    name: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """Agreement of the APM in `model_dir` with the human labels of `data` (a Parquet folder).
 
     Writes `out/metrics.json` and `out/predictions.png`. The baseline predicts the mean label of
-    `train_data` (the training split; defaults to `data` itself).
+    `train_data` (the training split; defaults to `data` itself). `name`: the folder the model is
+    published to, when it is evaluated in its staging folder. The stage runs this in a Ray task
+    with its workers' resources (`run_as_task`), on a GPU in bf16 when it trains on GPUs.
     """
+    import torch
+
     rows = read_parquet_rows(data)
     train_rows = read_parquet_rows(train_data) if train_data is not None else rows
-    return _evaluate(model_dir, rows, train_rows, out, str(data))
-
-
-def _evaluate(
-    model_dir: Path,
-    rows: list[dict[str, Any]],
-    train_rows: list[dict[str, Any]],
-    out: Path,
-    data: str,
-    name: Path | None = None,
-) -> dict[str, Any]:
-    """`name`: the folder the model is published to, when it is evaluated in its staging folder."""
-    model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA)
-    pred = predict(model, model.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA, dtype=getattr(torch, dtype))
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    pred = predict(model, model.tokenizer, prompts, responses, device=device)
     human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
     train_human, train_mask = (t.numpy() for t in targets_from_rows(train_rows, SCHEMA))
     metrics = attribute_metrics(pred, human, mask, label_means(train_human, train_mask), SCHEMA)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": len(rows), "data": data, "model": str(name or model_dir), "attributes": metrics}
+    report = {"rows": len(rows), "data": str(data), "model": str(name or model_dir), "attributes": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_predictions(pred, human, mask, SCHEMA, out / "predictions.png")
     return report
@@ -426,13 +427,16 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
         train_rows = read_parquet_rows(data / "train")  # read once: trained attributes and the baseline
         train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
         save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
-        report = _evaluate(
+        report = run_as_task(
+            evaluate_apm,
             staging,
-            read_parquet_rows(data / "validation"),
-            train_rows,
+            data / "validation",
             staging / "evaluation",
-            str(data / "validation"),
+            data / "train",
             name=out,  # the published folder: the staging path is gone once published
+            num_cpus=config.cpus_per_worker,
+            num_gpus=1 if config.use_gpu else 0,
+            pass_device=True,
         )
         publish(staging, out, "train_apm")
         summary = {

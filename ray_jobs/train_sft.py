@@ -103,7 +103,7 @@ from ray_jobs.deepspeed_engine import (
     save_engine,
     zero3_init,
 )
-from ray_jobs.runtime import ensure_ray, fit_trainer, stage_main
+from ray_jobs.runtime import ensure_ray, fit_trainer, prepare_generator, stage_main
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_sft")
@@ -520,18 +520,20 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     staging = prepare_output(out, "train_sft")  # a folder this stage did not write is refused now
     validation = resolve_path(config.validation) if config.validation else None
     parquet_files(data, "the relabel or filter stage")  # fail before Ray starts if the data is missing
-    generator = resolve_generator(config.generator)  # converts the packaged GGUF once, here
-    if config.lora is not None:
-        check_generator_targets(generator, config.lora)  # before Ray starts: names the model's layers
     if validation is not None:
         parquet_files(validation, "the filter stage")
+    ensure_ray()
+    # The driver reads the generator's tokenizer and config, never its weights: a packaged one is
+    # converted by a task on this node first. The workers resolve the name on their own nodes.
+    prepare_generator(config.generator)
+    if config.lora is not None:
+        check_generator_targets(resolve_generator(config.generator), config.lora)  # names the layers
     resolved = config.model_copy(
         update={
             "data": str(data),
             "validation": str(validation) if validation else None,
             "out": str(out),
             "storage": str(storage),
-            "generator": generator,
         }
     )
     # Build every example here first: a data or template error stops the stage before any worker
@@ -556,7 +558,6 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     resolved = resolved.model_copy(
         update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
     )
-    ensure_ray()
     with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
         tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
         result = fit_trainer(

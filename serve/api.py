@@ -437,6 +437,9 @@ class Frontend:
                 "range": [SCHEMA.low, SCHEMA.high],
                 "profile": profile,
                 "defaults": DEFAULT_ATTRIBUTES[profile],
+                # What the model's attribute line carries (sft examples.condition_on): the others
+                # are accepted in requests and left out of the prompt, as in training.
+                "conditioned_on": self.prompts.config.condition_on or list(SCHEMA.names),
             },
             "apm": None if self.apm is None else {"trained_attributes": self.apm.trained},
         }

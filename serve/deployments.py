@@ -14,8 +14,9 @@ oversubscribed cores make small models tens of times slower).
 
 A replica's resources come from `ray_actor_options` (the decorators' CPU-only defaults, replaced
 by a config's `deployments:` section: `cluster/kuberay/serve.yaml` gives each model replica GPUs),
-and the model follows them: with a GPU assigned it loads in bf16 on cuda (`replica_device`), the
-generator spread over the replica's GPUs; without one, fp32 on CPU. Ray hides the GPUs a replica
+and the model follows them: with a GPU assigned it loads in bf16 on cuda
+(`ray_jobs.runtime.device_for_gpus`), the generator spread over the replica's GPUs; without one,
+fp32 on CPU. Ray hides the GPUs a replica
 did not ask for, so asking is what moves the model.
 """
 
@@ -30,37 +31,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import ray
 from ray import serve
 
+from ray_jobs.runtime import use_assigned_resources
 from serve.engine import ChoiceDelta, GenerationJob, TransformersEngine, collect
 
 log = logging.getLogger("ray.serve")
 _END = object()
-
-
-def _set_threads() -> int:
-    """torch threads = the CPUs Ray assigned to this replica, at least 1."""
-    import torch
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-    threads = max(1, int(cpus))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def replica_device(gpus: float, cuda_available: bool) -> tuple[str, str]:
-    """(device, dtype name) for a replica given the GPUs Ray assigned it: cuda and bfloat16 when
-    it has one and CUDA sees it, else cpu and float32 (bf16 on CPU costs accuracy for little)."""
-    if gpus > 0 and cuda_available:
-        return "cuda", "bfloat16"
-    if gpus > 0:
-        log.warning("replica was assigned %s GPU(s) but CUDA sees none: running on CPU", gpus)
-    return "cpu", "float32"
-
-
-def _assigned_gpus() -> float:
-    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
 
 
 def _configure_batching(method: Any, batching: dict[str, Any]) -> None:
@@ -79,7 +56,7 @@ class Generator:
     def __init__(self, folder: str, batching: dict[str, Any], stuck_after_s: float):
         from serve.steerable import load_steerable, read_training_setup
 
-        threads = _set_threads()
+        threads, _, _ = use_assigned_resources()
         model, tokenizer, stop_ids = load_steerable(folder, read_training_setup(folder)["examples"])
         self.engine = TransformersEngine(model, tokenizer, stop_ids)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -163,8 +140,7 @@ class APM:
         from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes
         from helpsteer_core.attributes import STEERLM
 
-        threads = _set_threads()
-        self.device, dtype = replica_device(_assigned_gpus(), torch.cuda.is_available())
+        threads, self.device, dtype = use_assigned_resources()
         self.model = AttributePredictionModel.from_pretrained(folder, STEERLM, dtype=getattr(torch, dtype))
         self.model.to(self.device)
         self.model.eval()

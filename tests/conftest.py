@@ -14,7 +14,8 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,38 @@ class TrainedAPM:
     storage: Path
     run_name: str
     data: Path
+    driver_loads: list[str] = field(default_factory=list)  # models its driver (this process) loaded
+
+
+@contextmanager
+def model_loads_here() -> Iterator[list[str]]:
+    """Every model whose weights this process loads while inside: Hugging Face `from_pretrained`
+    of any model class (the APM's backbone and the generators go through it) and the packaged
+    generator's GGUF conversion. A spy that calls through: what it watches runs for real. A stage
+    run in this process is its own driver, and a driver must load none (model work runs in Ray
+    workers and tasks)."""
+    import transformers
+
+    from helpsteer_core import generator
+
+    loads: list[str] = []
+    load, convert = transformers.PreTrainedModel.from_pretrained.__func__, generator.convert_gguf
+
+    def counted_load(cls: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(f"{cls.__name__}.from_pretrained({source})")
+        return load(cls, source, *args, **kwargs)
+
+    def counted_convert(gguf: Any, folder: Any) -> Any:
+        loads.append(f"convert_gguf({gguf})")
+        return convert(gguf, folder)
+
+    transformers.PreTrainedModel.from_pretrained = classmethod(counted_load)  # type: ignore[method-assign]
+    generator.convert_gguf = counted_convert
+    try:
+        yield loads
+    finally:
+        transformers.PreTrainedModel.from_pretrained = classmethod(load)  # type: ignore[method-assign]
+        generator.convert_gguf = convert
 
 
 @pytest.fixture(scope="session")
@@ -199,24 +232,26 @@ def trained_apm(
 
     root = tmp_path_factory.mktemp("apm")
     trained = TrainedAPM(root / "apm", root / "runs", root / "ray_train", "tiny-apm", synthetic_filtered)
-    run_train(
-        TrainAPMConfig.model_validate(
-            {
-                "data": str(synthetic_filtered),
-                "out": str(trained.model),
-                "apm": {"backbone": str(tiny_backbone)},
-                "num_workers": 2,
-                "batch_size": 8,
-                "max_steps": 6,
-                "eval_every": 3,
-                "checkpoint_every": 3,
-                "lr": 1e-3,
-                "run_name": trained.run_name,
-                "storage": str(trained.storage),
-                "tracking": {"runs_dir": str(trained.runs)},
-            }
+    with model_loads_here() as loads:
+        run_train(
+            TrainAPMConfig.model_validate(
+                {
+                    "data": str(synthetic_filtered),
+                    "out": str(trained.model),
+                    "apm": {"backbone": str(tiny_backbone)},
+                    "num_workers": 2,
+                    "batch_size": 8,
+                    "max_steps": 6,
+                    "eval_every": 3,
+                    "checkpoint_every": 3,
+                    "lr": 1e-3,
+                    "run_name": trained.run_name,
+                    "storage": str(trained.storage),
+                    "tracking": {"runs_dir": str(trained.runs)},
+                }
+            )
         )
-    )
+    trained.driver_loads.extend(loads)
     return trained
 
 

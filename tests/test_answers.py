@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import model_loads_here
 
 from helpsteer_core.answers import (
     STYLES,
@@ -139,7 +140,9 @@ def test_the_stage_writes_kept_answers_and_rejects_that_reconcile(ray_head, tmp_
         cpu_dtype="bfloat16",
         tracking={"enabled": False},
     )
-    stats = run(config)
+    with model_loads_here() as loads:
+        stats = run(config)
+    assert loads == []  # the actor loaded SmolLM2 (converting it on first use), not the driver
     written = pq.read_table(out / "kept" / "part-000000.parquet").to_pylist()
     rows = [r for r in written if r["first_sentences"] is None]
     versions = [r for r in written if r["first_sentences"] is not None]

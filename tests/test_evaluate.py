@@ -13,6 +13,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import model_loads_here
 
 from helpsteer_core.apm import APMConfig, AttributePredictionModel
 from helpsteer_core.attributes import STEERLM, AttributeValueError
@@ -94,7 +95,10 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
         "real_relevance_prompts": 3,
         "real_attribute_prompts": {"verbosity": 2},
     }
-    result = run(_config(models, synthetic_filtered, tmp_path, **extra))
+    with model_loads_here() as loads:
+        result = run(_config(models, synthetic_filtered, tmp_path, **extra))
+    # Both generators answered in actors, the APM and the relevance encoder scored in a task.
+    assert loads == []
     out = tmp_path / "eval"
     everything = pq.read_table(out / "responses.parquet").to_pylist()
     rows = [r for r in everything if r["prompt_set"] == "synthetic"]

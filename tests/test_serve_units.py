@@ -32,10 +32,14 @@ from serve.steerable import PromptTooLong, SteerablePrompts, load_steerable, rea
 CONTEXT = 1024
 
 
-def make_sft_folder(tiny_generator: Path, out: Path, max_length: int = CONTEXT) -> Path:
+def make_sft_folder(
+    tiny_generator: Path, out: Path, max_length: int = CONTEXT, condition_on: list[str] | None = None
+) -> Path:
     """A trained-generator folder as train_sft writes it: the HF files, sft_config.yaml, schema."""
     shutil.copytree(tiny_generator, out)
     examples = {"template": "chat", "max_length": max_length, "system": "", "pack": False}
+    if condition_on is not None:
+        examples["condition_on"] = condition_on
     (out / "sft_config.yaml").write_text(
         yaml.safe_dump({"generator": str(tiny_generator), "examples": examples})
     )
@@ -336,6 +340,19 @@ def test_without_an_apm_scoring_is_404_and_best_of_is_400(prompts: SteerableProm
     assert caught.value.status == 404 and frontend.models()["data"][0]["apm"] is None
 
 
+def test_an_ablated_generator_gets_only_its_attributes_and_says_which(tiny_generator: Path, tmp_path: Path):
+    folder = make_sft_folder(tiny_generator, tmp_path / "ablated", condition_on=["verbosity", "helpfulness"])
+    prompts = SteerablePrompts.load(folder)
+    frontend = Frontend(
+        Settings("helpsteer", "helpsteer2", 1.0, LimitArgs(), None), prompts, WordsGenerator(), None
+    )
+    listed = frontend.models()["data"][0]["attributes"]
+    assert listed["conditioned_on"] == ["helpfulness", "verbosity"]
+    asked = {**DEFAULT_ATTRIBUTES["helpsteer2"], "verbosity": 1}
+    text = prompts.tokenizer.decode(prompts.prompt_ids([Turn("User", "Hi")], asked, 8))
+    assert text.endswith("Attributes: helpfulness:4,verbosity:1\n")  # complexity etc. left out
+
+
 # --- GPU serving: resources from the config, and the device each replica resolves -----------------
 
 
@@ -389,8 +406,8 @@ def test_config_deployment_options_reach_the_built_deployments(tmp_path: Path):
     }
 
 
-def test_replica_device_follows_its_resources():
-    from serve.deployments import replica_device
+def test_the_device_follows_the_assigned_resources():
+    from ray_jobs.runtime import device_for_gpus as replica_device
 
     assert replica_device(1, cuda_available=True) == ("cuda", "bfloat16")
     assert replica_device(0.5, cuda_available=True) == ("cuda", "bfloat16")

@@ -728,8 +728,10 @@ _TEXT = st.text(alphabet="abc xyz?!.\n", min_size=1, max_size=12).filter(lambda 
 _ATTRIBUTES = st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4))
 
 
-def _steerable(tokenizer: Any, template: str, system: str) -> tuple[Any, SFTDataConfig]:
-    config = SFTDataConfig(template=template, system=system)
+def _steerable(
+    tokenizer: Any, template: str, system: str, condition_on: list[str] | None = None
+) -> tuple[Any, SFTDataConfig]:
+    config = SFTDataConfig(template=template, system=system, condition_on=condition_on)
     tokenizer = copy.deepcopy(tokenizer)
     prepare_tokenizer_for_template(tokenizer, template=template)
     tokenizer.chat_template = steerable_chat_template(tokenizer.chat_template, config)
@@ -744,6 +746,7 @@ def _steerable(tokenizer: Any, template: str, system: str) -> tuple[Any, SFTData
     attributes=st.one_of(st.none(), _ATTRIBUTES),
     system=st.sampled_from(["", "Be brief."]),
     give_system=st.booleans(),
+    condition_on=st.sampled_from([None, ["verbosity"], ["helpfulness", "complexity", "verbosity"]]),
 )
 def test_the_exported_chat_template_renders_the_trained_prompt(
     base_tokenizer: Any,
@@ -753,8 +756,9 @@ def test_the_exported_chat_template_renders_the_trained_prompt(
     attributes: Any,
     system: str,
     give_system: bool,
+    condition_on: list[str] | None,
 ) -> None:
-    tokenizer, config = _steerable(base_tokenizer, template, system)
+    tokenizer, config = _steerable(base_tokenizer, template, system, condition_on)
     turns: list[Turn] = []
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if give_system else []
     for user, answer, own in exchanges:
@@ -793,3 +797,38 @@ def test_the_exported_chat_template_steers_smollm2_and_checks_attributes(smollm2
         tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, attributes={"fluency": 1}
         )
+
+
+@pytest.mark.parametrize("template", ["chat", "nemo"])
+def test_condition_on_leaves_the_other_attributes_out_in_training_and_at_inference(
+    base_tokenizer: Any, template: str
+) -> None:
+    tokenizer = copy.deepcopy(base_tokenizer)
+    prepare_tokenizer_for_template(tokenizer, template=template)
+    ablated = SFTDataConfig(template=template, condition_on=["verbosity", "helpfulness"])
+    attributes = {"helpfulness": 3, "correctness": 4, "complexity": 1, "verbosity": 0}
+    conversation = conversation_from_row("Why?", "Because.", attributes)
+    line = "helpfulness:3,verbosity:0"  # the listed ones, in schema order; the rest left out
+    example = build_example(conversation, tokenizer, ablated)
+    text = tokenizer.decode(example["input_ids"])
+    assert line + "\n" in text and "correctness" not in text and "complexity" not in text
+    # The prompt a server or the evaluation builds is the trained one, whatever else is asked.
+    prompt = generation_prompt_ids([Turn("User", "Why?")], attributes, tokenizer, ablated)
+    assert prompt == example["input_ids"][: len(prompt)]
+    assert tokenizer.decode(prompt).endswith(line + "\n")
+    full = build_example(conversation, tokenizer, SFTDataConfig(template=template))
+    assert "correctness:4,complexity:1" in tokenizer.decode(full["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("condition_on", "message"),
+    [
+        ([], "is empty"),
+        (["verbosity", "wit"], "unknown attribute 'wit'; allowed: quality, toxicity"),
+        (["verbosity", "verbosity"], "names an attribute twice"),
+    ],
+)
+def test_condition_on_names_known_attributes_once(condition_on: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SFTDataConfig(condition_on=condition_on)
+    assert SFTDataConfig(condition_on=["verbosity", "quality"]).condition_on == ["quality", "verbosity"]

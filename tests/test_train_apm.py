@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_stage_exports_an_evaluated_registered_model(trained_apm):
+    # Training ran in the workers and the evaluation in a task: the driver loaded no model.
+    assert trained_apm.driver_loads == []
     folder = trained_apm.model
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["head.safetensors", "model.safetensors"]
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))

@@ -16,6 +16,7 @@ from typing import Any
 import mlflow
 import pytest
 import torch
+from conftest import model_loads_here
 from ray.util.state import list_actors
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,11 +69,14 @@ def _history(runs: Path, metric: str) -> dict[int, float]:
 def zero3_run(ray_head, synthetic_filtered, tiny_generator, tmp_path_factory) -> tuple[TrainSFTConfig, dict]:
     root = tmp_path_factory.mktemp("sft-zero3")
     config = _config(synthetic_filtered, tiny_generator, root)
-    return config, run(config)
+    with model_loads_here() as loads:
+        result = run(config)
+    return config, result | {"driver_loads": loads}
 
 
 def test_zero3_on_two_workers_learns_and_exports_a_model_that_generates(zero3_run):
     config, result = zero3_run
+    assert result["driver_loads"] == []  # the workers load the generator; the driver, its tokenizer
     assert result["steps"] == 8 and result["global_batch_rows"] == 4  # micro 1 x accumulation 2 x 2 workers
     loss = _history(Path(config.tracking.runs_dir), "loss")
     assert sorted(loss) == list(range(1, 9))

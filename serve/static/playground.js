@@ -13,6 +13,7 @@ const state = {
   names: [], // attribute names, schema order
   defaults: {}, // the profile's defaults
   range: [0, 4],
+  conditioned: [], // what the model's attribute line carries; other sliders do nothing
   apm: [], // attributes the APM was trained on ([] without an APM)
   attributes: {}, // name -> value, or null when left out
   messages: [], // OpenAI messages of this conversation
@@ -107,6 +108,10 @@ function renderSliders() {
     on.setAttribute("aria-label", `send ${name}`);
     const label = document.createElement("span");
     label.textContent = name;
+    if (!state.conditioned.includes(name)) {
+      row.classList.add("unconditioned");
+      row.title = `the model was trained without ${name} in its attribute line: it is left out of the prompt`;
+    }
     const slider = document.createElement("input");
     slider.type = "range";
     slider.name = name;
@@ -334,6 +339,7 @@ async function connect() {
     state.names = model.attributes.names;
     state.defaults = model.attributes.defaults;
     state.range = model.attributes.range;
+    state.conditioned = model.attributes.conditioned_on || state.names;
     state.apm = model.apm ? model.apm.trained_attributes : [];
     $("model").textContent = `model ${model.id}${model.apm ? ", with an APM" : ", no APM"}`;
     $("profile").textContent = `${model.attributes.profile} (${Object.entries(state.defaults)
