@@ -91,8 +91,9 @@ def _steer(results: Mapping[str, Any], model: str, prompt_set: str) -> dict[str,
 
 
 def _mt_bench(folder: Path, model: str) -> float | None:
+    """The judged MT-Bench score of `model` (its answers are `model_answer/helpsteer-<model>.jsonl`)."""
     for path in sorted((folder / "mt_bench").glob("*_scores.json")):
-        score = (_read_json(path).get(model) or {}).get("score")
+        score = (_read_json(path).get(f"helpsteer-{model}") or {}).get("score")
         if isinstance(score, (int, float)):
             return float(score)
     return None

@@ -182,6 +182,44 @@ def judge(
         raise typer.Exit(1)
 
 
+@app.command()
+def compare(
+    evaluations: Annotated[list[Path], typer.Argument(help="evaluate stage outputs, e.g. runs/eval")],
+    out: Annotated[Path, typer.Option(help="Where compare.md, compare.json and compare.png go")] = Path(
+        "runs/compare"
+    ),
+    name: Annotated[
+        list[str] | None, typer.Option(help="A name per evaluation, in order (default: folder names)")
+    ] = None,
+) -> None:
+    """Evaluation runs side by side, like the HelpSteer paper's ablation table: what each model was
+    conditioned on, every attribute's steerability, the APM's scores at the defaults, MT-Bench."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from helpsteer_core.attributes import STEERLM
+    from helpsteer_core.compare import CompareError, write_comparison
+
+    try:
+        runs = write_comparison([resolve_path(e) for e in evaluations], resolve_path(out), name or None)
+    except CompareError as exc:
+        _fail(exc)
+    swept = [a for a in STEERLM.names if any(a in r.steer for r in runs)]
+    table = Table(title="steerability (within-prompt rho, APM) and the APM at the defaults")
+    table.add_column("run", no_wrap=True)
+    for column in ["conditioned on", *swept, "relevance", "MT-Bench"]:
+        table.add_column(column)
+    for r in runs:
+        steer = [
+            "-" if (f := r.steer.get(a)) is None or f["apm"] is None else f"{f['apm']:.2f}" for a in swept
+        ]
+        relevance = "-" if r.relevance is None else f"{r.relevance:.3f}"
+        mt_bench = "-" if r.mt_bench is None else f"{r.mt_bench:.2f}"
+        table.add_row(r.name, r.conditioned_note, *steer, relevance, mt_bench)
+    Console().print(table)
+    typer.echo(f"wrote {resolve_path(out) / 'compare.md'}, compare.json and compare.png")
+
+
 @app.command("evaluate-apm")
 def evaluate_apm(
     apm: Annotated[Path, typer.Option(help="A trained APM folder")],

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -25,6 +27,7 @@ from ray_jobs.tracking import TrackingConfig, runs_for
 from ray_jobs.train_sft import TrainSFTConfig
 
 pytestmark = pytest.mark.slow
+HELPSTEER = str(Path(sys.executable).parent / "helpsteer")
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
 HELPSTEER2 = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "helpsteer2" / "train_rows_001_060.jsonl"
@@ -170,6 +173,64 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
             assert all(
                 len(a["choices"][0]["turns"]) == 2 and a["model_id"] == f"helpsteer-{name}" for a in answers
             )
+
+
+def test_compare_sets_a_full_and_an_ablated_run_side_by_side(ray_head, models, synthetic_filtered, tmp_path):
+    """The paper's ablation: the same generator evaluated with complexity left out of its attribute
+    line (examples.condition_on) cannot follow complexity at all, whatever is asked, and
+    `helpsteer compare` puts both runs and the untuned model in one table."""
+    generator, apm = models
+    ablated = tmp_path / "ablated"
+    shutil.copytree(generator, ablated)
+    setup = yaml.safe_load((ablated / "sft_config.yaml").read_text())
+    setup["examples"]["condition_on"] = ["helpfulness", "correctness", "coherence", "verbosity"]
+    (ablated / "sft_config.yaml").write_text(yaml.safe_dump(setup))
+    extra = {
+        "attribute_prompts": {"verbosity": 2},
+        "max_new_tokens": 4,
+        "real_prompts": _real_prompt_files(tmp_path),
+        "real_relevance_prompts": 2,
+        "real_attribute_prompts": {"complexity": 2},
+    }
+    run(_config(models, synthetic_filtered, tmp_path / "full", **extra))
+    run(_config((ablated, apm), synthetic_filtered, tmp_path / "ablated-run", baseline="none", **extra))
+    out = tmp_path / "compare"
+    done = subprocess.run(
+        [HELPSTEER, "compare", str(tmp_path / "full" / "eval"), str(tmp_path / "ablated-run" / "eval"),
+         "--name", "full", "--name", "no complexity", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = (out / "compare.md").read_text()
+    runs = {r["name"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert list(runs) == ["full", "no complexity", "untuned (full)"]
+    assert runs["no complexity"]["conditioned_note"] == "helpfulness, correctness, coherence, verbosity"
+    assert runs["full"]["conditioned_note"] == "all"
+    # Left out of the prompt, complexity cannot move the (greedy) answers: the same text at every level.
+    answers = pq.read_table(tmp_path / "ablated-run" / "eval" / "responses.parquet").to_pylist()
+    swept = [r for r in answers if r["attribute"] == "complexity" and r["prompt_set"] == "real"]
+    for prompt_id in {r["prompt_id"] for r in swept}:
+        assert len({r["response"] for r in swept if r["prompt_id"] == prompt_id}) == 1
+    assert runs["no complexity"]["steer"]["complexity"] == {
+        "prompt_set": "real", "prompts": 2, "text_measure": "fk_grade", "text": 0.0, "apm": 0.0,
+    }  # fmt: skip
+    # Every figure is the evaluation's own: steerability from metrics.json, APM means from the answers.
+    metrics = json.loads((tmp_path / "full" / "eval" / "metrics.json").read_text())
+    [words, apm_verbosity] = metrics["results"]["tuned"]["verbosity"]
+    assert runs["full"]["steer"]["verbosity"]["text"] == words["within_prompt"]
+    assert runs["full"]["steer"]["verbosity"]["apm"] == apm_verbosity["within_prompt"]
+    full_answers = pq.read_table(tmp_path / "full" / "eval" / "responses.parquet").to_pylist()
+    at_defaults = [
+        r["apm_verbosity"]
+        for r in full_answers
+        if r["model"] == "tuned" and r["prompt_set"] == "real" and r["attribute"] is None
+    ]
+    assert runs["full"]["answers_at_defaults"] == len(at_defaults) == 2
+    assert runs["full"]["apm_at_defaults"]["verbosity"] == pytest.approx(sum(at_defaults) / 2)
+    assert "| no complexity | helpfulness, correctness, coherence, verbosity |" in report
+    assert "## The APM's mean scores at the default attributes" in report
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "no complexity" in done.stdout
 
 
 def test_generator_actor_samples_in_the_configured_cpu_dtype(models):
