@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
-from helpsteer_core.config import ConfigError, StrictModel, resolve_path
+from helpsteer_core.compare import write_comparison
+from helpsteer_core.config import ConfigError, StrictModel, merge_sections, resolve_path, validate_config
 from helpsteer_core.fingerprints import (
     code_version,
     model_fingerprint,
@@ -84,6 +85,16 @@ class SyntheticConfig(StrictModel):
     seed: int = 1
 
 
+class Variant(StrictModel):
+    """An AC-SFT variant of the main run (an ablation): it shares every stage before train_sft, and
+    its own train_sft and evaluate run after the main ones."""
+
+    # Letters, digits, '-', '_', '.': it names the variant's rows, MLflow tags and compare's runs.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # The `sft:` keys it changes, nested as in that section, e.g. {examples: {condition_on: [...]}}.
+    sft: dict[str, Any] = Field(min_length=1)
+
+
 class PipelineConfig(StrictModel):
     """The whole pipeline. Every output goes under `runs_dir`."""
 
@@ -97,12 +108,24 @@ class PipelineConfig(StrictModel):
     relabel: relabel_stage.RelabelSettings = relabel_stage.RelabelSettings()
     sft: train_sft_stage.TrainSFTSettings = train_sft_stage.TrainSFTSettings()
     evaluate: evaluate_stage.EvaluateSettings = evaluate_stage.EvaluateSettings()
+    # Ablations: each trains and evaluates its own generator; `helpsteer compare` of the main
+    # evaluation and theirs is written to runs_dir/compare.
+    variants: list[Variant] = []
     experiment: str = "helpsteer"
+
     # MLflow: null tracking_uri is runs_dir/mlflow.db; a cluster sets http://HEAD:5000.
     tracking: TrackingSettings = TrackingSettings()
     from_stage: Stage = "filter"  # --from: earlier stages must already be complete
     until_stage: Stage = "evaluate"  # --until: the last stage to run
     force: bool = False  # rerun stages in range even when their output is complete
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_names(cls, variants: list[Variant]) -> list[Variant]:
+        names = [v.name for v in variants]
+        if len(set(names)) < len(names) or "main" in names:
+            raise ValueError(f"variant names {names} must differ from each other and from 'main'")
+        return variants
 
 
 class _Plan:
@@ -214,18 +237,21 @@ class _Plan:
             return []
         return _differences(before, self.inputs.get(stage, {}))
 
-    def finish(self, stage: str, summary: dict[str, Any]) -> None:
+    def finish(self, stage: str, summary: dict[str, Any], link: bool = True) -> None:
+        """Record the stage's summary and inputs; `link`: point runs/<link> at its output."""
         record = self.record(stage)
         record.parent.mkdir(parents=True, exist_ok=True)
         inputs = json.dumps(self.inputs[stage], indent=2, sort_keys=True, default=str)
         record.with_suffix(".inputs.json").write_text(inputs + "\n")
         record.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        link = self.runs / LINKS[stage]
-        if link.is_symlink() or not link.exists():  # never replaces a real folder
+        if not link:
+            return
+        link_path = self.runs / LINKS[stage]
+        if link_path.is_symlink() or not link_path.exists():  # never replaces a real folder
             tmp = self.runs / f".{LINKS[stage]}.link"
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(self.out(stage).name)
-            os.replace(tmp, link)
+            os.replace(tmp, link_path)
 
 
 def _differences(before: Any, after: Any, prefix: str = "") -> list[str]:
@@ -288,29 +314,90 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
             if not plan.used(stage):
                 status[stage] = "off"
                 continue
-            done = plan.complete(stage)
             if index < first or index > last:
-                if done is not None:
+                if (done := plan.complete(stage)) is not None:
                     summary[stage], status[stage] = done, "earlier run"
                 continue
-            if done is not None and not config.force:
-                log.info("pipeline: %s is complete for this config (%s); skipped", stage, plan.out(stage))
-                mlflow.set_tag(f"skipped.{stage}", str(plan.out(stage)))
-                summary[stage], status[stage] = done, "skipped (complete)"
-                continue
-            changed = plan.changed(stage)
-            because = f" (changed: {', '.join(changed)})" if changed else ""
-            log.info("pipeline: running %s -> %s%s", stage, plan.out(stage), because)
-            if on_stage is not None:
-                on_stage(stage)
-            started = time.perf_counter()
-            summary[stage] = stages[stage]() | {"wall_s": round(time.perf_counter() - started, 1)}
-            mlflow.log_metric(f"wall_s.{stage}", summary[stage]["wall_s"])
-            plan.finish(stage, summary[stage])
-            status[stage] = f"ran{because}"
+            summary[stage], status[stage] = _step(stage, plan, stages[stage], config.force, on_stage)
+        outputs = {stage: plan.out(stage) for stage in summary}
+        if config.variants and last == len(STAGES) - 1:
+            outputs |= _variants(config, plan, data, tracking, summary, status)
         mlflow.log_dict(summary, "pipeline_summary.json")
-    _print_summary(summary, status, plan)
+    _print_summary(summary, status, outputs, plan.runs)
     return summary
+
+
+def _step(
+    stage: str,
+    plan: _Plan,
+    call: Callable[[], dict[str, Any]],
+    force: bool,
+    on_stage: Callable[[str], None] | None = None,
+    variant: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Run one stage into `plan.out(stage)` unless its output is complete: (summary, status).
+    A variant's outputs are recorded but the runs/<link> names keep pointing at the main run's."""
+    label = stage if variant is None else f"{stage} [{variant}]"
+    metric = stage if variant is None else f"{stage}.{variant}"
+    done = plan.complete(stage)
+    if done is not None and not force:
+        log.info("pipeline: %s is complete for this config (%s); skipped", label, plan.out(stage))
+        mlflow.set_tag(f"skipped.{metric}", str(plan.out(stage)))
+        return done, "skipped (complete)"
+    changed = plan.changed(stage) if variant is None else []
+    because = f" (changed: {', '.join(changed)})" if changed else ""
+    log.info("pipeline: running %s -> %s%s", label, plan.out(stage), because)
+    if on_stage is not None:
+        on_stage(label)
+    started = time.perf_counter()
+    summary = call() | {"wall_s": round(time.perf_counter() - started, 1)}
+    mlflow.log_metric(f"wall_s.{metric}", summary["wall_s"])
+    plan.finish(stage, summary, link=variant is None)
+    return summary, f"ran{because}"
+
+
+def variant_config(config: PipelineConfig, index: int) -> PipelineConfig:
+    """The pipeline config of `config.variants[index]`: its sft changes applied, no variants."""
+    variant = config.variants[index]
+    sft = validate_config(
+        train_sft_stage.TrainSFTSettings,
+        merge_sections(config.sft.model_dump(mode="json"), variant.sft),
+        f"variants[{index}] ({variant.name}): sft",
+    )
+    return config.model_copy(update={"sft": sft, "variants": []})
+
+
+def _variants(
+    config: PipelineConfig,
+    plan: _Plan,
+    data: str,
+    tracking: TrackingConfig,
+    summary: dict[str, Any],
+    status: dict[str, str],
+) -> dict[str, Path]:
+    """Each variant's train_sft and evaluate (every earlier stage is the main run's: same keys),
+    then `helpsteer compare` of the main evaluation and theirs into runs_dir/compare."""
+    outputs: dict[str, Path] = {}
+    evaluations = [plan.out("evaluate")]
+    for index, variant in enumerate(config.variants):
+        own = variant_config(config, index)
+        own_plan = _Plan(own, plan.runs, data)
+        calls = {
+            "train_sft": lambda: _train_sft(own, own_plan, tracking),  # noqa: B023 - called at once
+            "evaluate": lambda: _evaluate(own, own_plan, tracking),  # noqa: B023
+        }
+        for stage, call in calls.items():
+            label = f"{stage} [{variant.name}]"
+            summary[label], status[label] = _step(stage, own_plan, call, config.force, variant=variant.name)
+            outputs[label] = own_plan.out(stage)
+        evaluations.append(own_plan.out("evaluate"))
+    names = ["main", *(v.name for v in config.variants)]
+    write_comparison(evaluations, plan.runs / "compare", names)
+    summary["compare"] = {"out": str(plan.runs / "compare"), "runs": names}
+    status["compare"] = "written"
+    outputs["compare"] = plan.runs / "compare" / "compare.md"
+    log.info("pipeline: main and %d variant(s) compared in %s", len(config.variants), outputs["compare"])
+    return outputs
 
 
 def _filter(config: PipelineConfig, plan: _Plan, data: str, tracking: TrackingConfig) -> dict[str, Any]:
@@ -407,21 +494,26 @@ def _evaluate(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> 
     return {key: result[key] for key in keep}
 
 
-def _print_summary(summary: dict[str, Any], status: dict[str, str], plan: _Plan) -> None:
+def _print_summary(
+    summary: dict[str, Any], status: dict[str, str], outputs: dict[str, Path], runs: Path
+) -> None:
     table = Table(title="helpsteer pipeline")
     for column in ("stage", "status", "time", "result", "output"):
         table.add_column(column)
-    for stage in STAGES:
-        if stage not in summary:
-            table.add_row(stage, status.get(stage, "not run"), "", "", "")
+    extra = [label for label in summary if label not in STAGES]  # variants, then the comparison
+    for label in [*STAGES, *extra]:
+        if label not in summary:
+            table.add_row(label, status.get(label, "not run"), "", "", "")
             continue
-        wall = summary[stage].get("wall_s")
-        ran = status[stage].startswith("ran")
+        stage = label.split(" [")[0]
+        wall = summary[label].get("wall_s")
+        ran = status[label].startswith("ran")
         took = "" if wall is None else f"{wall:.0f} s" if ran else f"(ran in {wall:.0f} s)"
-        table.add_row(stage, status[stage], took, _result(stage, summary[stage]), str(plan.out(stage)))
+        result = _result(stage, summary[label]) if stage in STAGES else ", ".join(summary[label]["runs"])
+        table.add_row(label, status[label], took, result, str(outputs[label]))
     console = Console(file=console_out())  # the terminal, also while Ray's output goes to the log
     console.print(table)
-    console.print(f"MLflow: helpsteer ui --runs-dir {plan.runs}")
+    console.print(f"MLflow: helpsteer ui --runs-dir {runs}")
     if log_file() is not None:
         console.print(f"Ray's and the libraries' output: {log_file()}", soft_wrap=True)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from helpsteer_core.config import load_config
 from ray_jobs.pipeline import RECORDS as RECORDS_FOLDER
@@ -152,6 +153,35 @@ def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
     fresh = runs.parent / "fresh"
     assert main(["--config", profile, "--from", "train_sft", *overrides, f"runs_dir={fresh}"]) == 2
     assert "the earlier stage filter has no complete output" in capsys.readouterr().err
+
+
+def test_a_variant_shares_every_stage_before_sft_and_is_compared_with_the_main_run(first_run):
+    """An ablation as the paper ran them: complexity left out of the attribute line. Only the
+    variant's train_sft and evaluate run; runs/compare puts it beside the main run."""
+    runs, overrides, _ = first_run
+    main_sft = (runs / "sft").readlink()
+    ablation = (
+        "variants=[{name: no-complexity, sft: {examples: "
+        "{condition_on: [helpfulness, correctness, coherence, verbosity]}}}]"
+    )
+    summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, ablation]))
+    assert _stage_runs(runs)[-1] == ["evaluate", "train_sft"]  # the variant's two; the rest skipped
+    assert (runs / "sft").readlink() == main_sft  # the links stay the main run's
+    variant_sft = Path(summary["train_sft [no-complexity]"]["out"])
+    assert variant_sft != runs / main_sft
+    examples = yaml.safe_load((variant_sft / "sft_config.yaml").read_text())["examples"]
+    assert examples["condition_on"] == ["helpfulness", "correctness", "coherence", "verbosity"]
+    compared = {r["name"]: r for r in json.loads((runs / "compare" / "compare.json").read_text())}
+    assert list(compared) == ["main", "no-complexity", "untuned (main)"]
+    assert compared["no-complexity"]["folder"] == summary["evaluate [no-complexity]"]["out"]
+    assert compared["main"]["conditioned_note"] == "all"
+    assert (
+        "| no-complexity | helpfulness, correctness, coherence, verbosity |"
+        in (runs / "compare" / "compare.md").read_text()
+    )
+    # Run again: everything, the variant's stages included, is complete.
+    run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, ablation]))
+    assert _stage_runs(runs)[-1] == []
 
 
 def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
