@@ -202,7 +202,8 @@ def run_identity(config: TrainSFTConfig) -> dict[str, Any]:
         "stage": "train_sft",
         "settings": settings,
         "data": folder_digest(config.data, "*.parquet"),
-        "generator": model_fingerprint(config.generator),
+        # By content: a packaged generator's converted folder (`prepare_generator` made it already).
+        "generator": model_fingerprint(resolve_generator(config.generator)),
     }
 
 
