@@ -3,8 +3,10 @@
 `ray.serve.llm` imports vLLM, so this module is imported only when the app asks for the vLLM
 engine; CPU machines never need it. The ingress still builds and checks every prompt
 (`serve.steerable`), then sends the token ids to a Ray Serve LLM `LLMServer` deployment as
-OpenAI completion requests; vLLM batches continuously across requests. Each choice is its own
-request with seed + index, as `serve.engine` seeds its rows.
+OpenAI completion requests (`ray.serve.llm.openai_api_models.CompletionRequest`, Ray Serve LLM's
+public API); vLLM batches continuously across requests. Each choice is its own request with
+seed + index, as `serve.engine` seeds its rows, and a request's choices are sent together (n and
+best-of candidates run concurrently; a stream interleaves their deltas as they come).
 
 Not exercised by the test suite (this workplace has neither a GPU nor vLLM); the CPU path is
 `serve.deployments.Generator`.
@@ -12,6 +14,7 @@ Not exercised by the test suite (this workplace has neither a GPU nor vLLM); the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,7 +44,7 @@ class VLLMGenerator:
         self.handle, self.model_name, self.prompts = handle, model_name, prompts
 
     def _request(self, job: GenerationJob, index: int, stream: bool) -> Any:
-        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
+        from ray.serve.llm.openai_api_models import CompletionRequest
 
         params = job.params
         return CompletionRequest(
@@ -70,23 +73,47 @@ class VLLMGenerator:
                     yield entry.model_dump()
 
     async def generate(self, job: GenerationJob) -> list[Choice]:
-        steps = []
-        for index in range(job.n):
-            async for event in self._events(job, index, stream=False):
-                steps.append([_delta(event, index, final_text=True)])
-        return collect(steps, job.n)
+        async def choice(index: int) -> list[list[ChoiceDelta]]:
+            events = self._events(job, index, stream=False)
+            return [[_delta(event, index, final_text=True)] async for event in events]
+
+        per_choice = await asyncio.gather(*(choice(index) for index in range(job.n)))
+        return collect([step for steps in per_choice for step in steps], job.n)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[list[ChoiceDelta]]:
-        for index in range(job.n):  # one choice after the other: each is its own vLLM request
+        """Every choice's deltas as they arrive, the choices' requests running at once."""
+        queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
             first = True
-            async for event in self._events(job, index, stream=True):
-                delta = _delta(event, index, final_text=False)
-                if first:
-                    delta = ChoiceDelta(
-                        index, delta.text.lstrip(), delta.finish_reason, delta.completion_tokens
-                    )
-                    first = not delta.text
-                yield [delta]
+            try:
+                async for event in self._events(job, index, stream=True):
+                    delta = _delta(event, index, final_text=False)
+                    if first:  # the first text of a choice starts without the template's space
+                        delta = ChoiceDelta(
+                            index, delta.text.lstrip(), delta.finish_reason, delta.completion_tokens
+                        )
+                        first = not delta.text
+                    await queue.put(delta)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(index)) for index in range(job.n)]
+        running = len(tasks)
+        try:
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield [item]
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def ready(self) -> None:
         await self.handle.check_health.remote()

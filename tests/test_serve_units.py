@@ -424,3 +424,78 @@ def test_apm_loads_in_the_dtype_asked_for(tmp_path: Path, tiny_backbone: Path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     pred = predict(model, model.tokenizer, ["Why?"], ["Because."], device="cpu")  # (1, n_attr)
     assert pred.shape == (1, len(STEERLM.names)) and pred.dtype.name == "float32"
+
+
+# --- the vLLM client: a request's choices run at once (no vLLM here: a stand-in LLMServer) -------
+
+
+class _FakeLLMServer:
+    """Answers `completions` like Ray Serve LLM's LLMServer (batches of OpenAI completion events as
+    server-sent-event strings), slowly,
+    and records how many requests were in flight at once. Stands in for vLLM, which this machine
+    cannot run; what is under test is VLLMGenerator's fan-out and merging."""
+
+    def __init__(self, fail_index: int | None = None):
+        self.in_flight = self.most = 0
+        self.fail_index = fail_index
+
+    def options(self, **_: Any) -> _FakeLLMServer:
+        return self
+
+    @property
+    def completions(self) -> Any:
+        server = self
+
+        class _Method:
+            def remote(self, request: dict[str, Any]) -> Any:
+                return server._answer(request)
+
+        return _Method()
+
+    async def _answer(self, request: dict[str, Any]) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        index = request["index"]
+        try:
+            if not request["stream"]:  # one response with the whole text
+                await asyncio.sleep(0.05)
+                choice = {"text": f" c{index}s0 c{index}s1 c{index}s2", "finish_reason": "stop"}
+                yield [f"data: {json.dumps({'choices': [choice], 'usage': {'completion_tokens': 3}})}\n\n"]
+                return
+            for step in range(3):
+                await asyncio.sleep(0.02)
+                if index == self.fail_index and step == 1:
+                    yield [f"data: {json.dumps({'error': 'engine died'})}\n\n"]
+                    return
+                last = step == 2
+                choice = {"text": f" c{index}s{step}", "finish_reason": "stop" if last else None}
+                event = {"choices": [choice], "usage": {"completion_tokens": 3} if last else {}}
+                yield [f"data: {json.dumps(event)}\n\n"]  # a batch of SSE strings, as LLMServer streams
+        finally:
+            self.in_flight -= 1
+
+
+def test_vllm_client_runs_a_requests_choices_at_once_and_merges_them(prompts: SteerablePrompts):
+    from serve.vllm import VLLMGenerator
+
+    class Client(VLLMGenerator):
+        def _request(self, job: GenerationJob, index: int, stream: bool) -> Any:
+            return {"index": index, "stream": stream}  # a CompletionRequest needs vLLM installed
+
+    job = GenerationJob((1, 2, 3), SamplingParams(max_new_tokens=3, temperature=1.0, seed=5), 3, "r")
+    server = _FakeLLMServer()
+    choices = asyncio.run(Client(server, "helpsteer", prompts).generate(job))
+    assert [c.text for c in choices] == [f"c{i}s0 c{i}s1 c{i}s2" for i in range(3)]
+    assert all(c.finish_reason == "stop" and c.completion_tokens == 3 for c in choices)
+    assert server.most == 3  # the three requests were in flight together
+
+    async def streamed(client: Client) -> list[ChoiceDelta]:
+        return [delta async for step in client.stream(job) for delta in step]
+
+    server = _FakeLLMServer()
+    deltas = asyncio.run(streamed(Client(server, "helpsteer", prompts)))
+    assert server.most == 3 and collect([[d] for d in deltas], 3)[2].text == "c2s0 c2s1 c2s2"
+    assert [d.index for d in deltas[:3]] == [0, 1, 2]  # interleaved as they come, not one by one
+
+    with pytest.raises(APIError, match="engine died"):
+        asyncio.run(streamed(Client(_FakeLLMServer(fail_index=1), "helpsteer", prompts)))
