@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -382,12 +383,9 @@ def _variants(
     for index, variant in enumerate(config.variants):
         own = variant_config(config, index)
         own_plan = _Plan(own, plan.runs, data)
-        calls = {
-            "train_sft": lambda: _train_sft(own, own_plan, tracking),  # noqa: B023 - called at once
-            "evaluate": lambda: _evaluate(own, own_plan, tracking),  # noqa: B023
-        }
-        for stage, call in calls.items():
+        for stage, run_stage in (("train_sft", _train_sft), ("evaluate", _evaluate)):
             label = f"{stage} [{variant.name}]"
+            call = partial(run_stage, own, own_plan, tracking)
             summary[label], status[label] = _step(stage, own_plan, call, config.force, variant=variant.name)
             outputs[label] = own_plan.out(stage)
         evaluations.append(own_plan.out("evaluate"))

@@ -376,8 +376,6 @@ def evaluate_apm(
     published to, when it is evaluated in its staging folder. The stage runs this in a Ray task
     with its workers' resources (`run_as_task`), on a GPU in bf16 when it trains on GPUs.
     """
-    import torch
-
     rows = read_parquet_rows(data)
     train_rows = read_parquet_rows(train_data) if train_data is not None else rows
     model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA, dtype=getattr(torch, dtype))
