@@ -177,12 +177,25 @@ def test_best_of_n_asks_steer_and_shows_the_closest_candidate(page: Any, served:
 
 
 def test_a_bad_request_is_shown_and_the_question_is_kept(page: Any, served: Served):  # noqa: F811
+    models: list[str | None] = []
+    page.on(
+        "request",
+        lambda request: (
+            models.append(request.headers.get("authorization"))
+            if request.url.endswith("/v1/models")
+            else None
+        ),
+    )
     _connect(page, served)
-    page.click("#clear")
+    page.click("#clear")  # the key field loses focus: the browser fires its change event again
     page.fill("#max-tokens", "100000")  # above the server's max_tokens
     page.fill("#prompt", "Too long an answer, please.")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#banner:not([hidden])")
     assert "max_tokens" in page.inner_text("#banner") and "400" in page.inner_text("#banner")
     assert page.input_value("#prompt") == "Too long an answer, please."
+    assert page.input_value("#max-tokens") == "100000"  # sent as typed, not lowered behind the user's back
     assert page.locator("#messages li").count() == 0
+    # One call without the key (refused), one with it; leaving the key field does not reconnect
+    # (a reconnect racing the request used to lower max_tokens after it was typed).
+    assert models == [None, f"Bearer {KEY}"]

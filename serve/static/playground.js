@@ -19,6 +19,7 @@ const state = {
   messages: [], // OpenAI messages of this conversation
   replies: {}, // index of an assistant message -> {requested, scores, bestOf}
   busy: null, // AbortController of the request in flight
+  connectedKey: null, // the API key the last successful /v1/models call was made with
 };
 
 function save() {
@@ -349,7 +350,10 @@ async function connect() {
     $("best-of").disabled = !state.apm.length;
     const cap = model.max_tokens;
     $("max-tokens").max = cap;
-    if (Number($("max-tokens").value) > cap) $("max-tokens").value = cap;
+    // Only the page's own default is lowered to the cap; a value the user typed is sent as typed,
+    // and the server says why it refuses it.
+    if (state.connectedKey === null && Number($("max-tokens").value) > cap) $("max-tokens").value = cap;
+    state.connectedKey = $("key").value.trim();
     renderSliders();
     renderMessages();
     $("send").disabled = false;
@@ -367,7 +371,8 @@ function start() {
   $("send").disabled = true;
   $("key").addEventListener("change", () => {
     save();
-    connect();
+    // The browser fires "change" again when the field loses focus; reconnect only for a new key.
+    if ($("key").value.trim() !== state.connectedKey) connect();
   });
   $("ask").addEventListener("submit", (event) => {
     event.preventDefault();
