@@ -665,6 +665,45 @@ def examples_from_rows(
     return examples
 
 
+class RowRepeat(StrictModel):
+    """Training rows that appear `times` times an epoch: those whose value in every `where` column
+    is one of the listed values (null matches a missing value). How a few rows get many epochs
+    while the rest get one: a knob decided in an answer's first tokens needs epochs over rows
+    that differ only there (docs/results.md, issue 13)."""
+
+    where: dict[str, list[Any]] = Field(min_length=1)
+    times: int = Field(ge=2)
+
+
+def row_repeats(rows: Sequence[Mapping[str, Any]], rules: Sequence[RowRepeat], source: str = "") -> list[int]:
+    """How many times each row appears an epoch under `rules` (the first rule a row matches wins;
+    1 when none does). A rule naming a column the rows lack, or matching no row, is a ConfigError
+    naming the rule, the column and the values the data has."""
+    counts = [1] * len(rows)
+    columns = sorted(rows[0]) if rows else []
+    where = f" in {source}" if source else ""
+    for number, rule in enumerate(rules):
+        for column in rule.where:
+            if column not in columns:
+                raise ConfigError(
+                    f"sft.repeat[{number}].where: no column {column!r}{where}; columns: {', '.join(columns)}"
+                )
+        matched = [
+            index
+            for index, row in enumerate(rows)
+            if all(row.get(column) in allowed for column, allowed in rule.where.items())
+        ]
+        if not matched:
+            seen = {column: sorted({str(row.get(column)) for row in rows})[:20] for column in rule.where}
+            raise ConfigError(
+                f"sft.repeat[{number}]: {rule.where} matches no row{where}; values there: {seen}"
+            )
+        for index in matched:
+            if counts[index] == 1:
+                counts[index] = rule.times
+    return counts
+
+
 def pack_examples(
     examples: Sequence[Mapping[str, Sequence[int]]], max_length: int
 ) -> list[dict[str, list[int]]]:

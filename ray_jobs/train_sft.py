@@ -73,6 +73,7 @@ from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
     AttributeSource,
     QuantileScope,
+    RowRepeat,
     SFTDataConfig,
     SFTStats,
     apm_levels,
@@ -82,6 +83,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     quantile_levels,
+    row_repeats,
     steerable_chat_template,
     token_loss_sum,
     trained_mask,
@@ -136,6 +138,11 @@ class TrainSFTSettings(StrictModel):
     # length): ranked over whole answers, and each shorter version (answers.shorter) takes its
     # answer's level. Needs generate_answers' rows (`style`, `first_sentences`).
     answer_level: list[str] = []
+    # Rows that appear several times an epoch (helpsteer_core.sft_data.RowRepeat), e.g. the
+    # one-sentence versions of two registers: [{where: {style: [simple, expert], first_sentences:
+    # [1]}, times: 8}]. Levels are ranked over the rows as read; repeats change only how often a
+    # row is trained (epochs count the repeated rows).
+    repeat: list[RowRepeat] = []
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     # Train only the top N decoder layers and the final norm (null: every parameter). Backward
     # stops at the lowest trained layer, so a step costs less; on the local profile the top 15 of
@@ -249,9 +256,10 @@ def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
 
 
 def build_examples(
-    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None
+    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None, training: bool = True
 ) -> list[dict[str, list[int]]]:
-    """The token ids and labels of every row in `folder` (packed when `examples.pack` is set)."""
+    """The token ids and labels of every row in `folder` (packed when `examples.pack` is set); in
+    training data, a row `config.repeat` names appears that many times (validation: once)."""
     rows = read_parquet_rows(Path(folder))
     examples = examples_from_rows(
         rows,
@@ -263,6 +271,9 @@ def build_examples(
         row_levels(config, rows),
         config.fixed_attributes,
     )
+    if training and config.repeat:
+        counts = row_repeats(rows, config.repeat, folder)
+        examples = [example for example, count in zip(examples, counts, strict=True) for _ in range(count)]
     if config.examples.pack:
         examples = pack_examples(examples, config.examples.max_length)
     return examples
@@ -345,7 +356,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     examples = build_examples(config, tokenizer, config.data)
     lengths = [len(e["input_ids"]) for e in examples]
     trained = [trained_token_count(e["labels"]) for e in examples]
-    validation = build_examples(config, tokenizer, config.validation) if config.validation else []
+    validation = (
+        build_examples(config, tokenizer, config.validation, training=False) if config.validation else []
+    )
     width, per_epoch, total = plan(config, lengths)
     # The loss divisor: the mean number of trained tokens in a global batch over the data, the same
     # for every step. Dividing each step by its own batch's count would weigh a token in a batch of

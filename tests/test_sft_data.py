@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpsteer_core.attributes import STEERLM
+from helpsteer_core.config import ConfigError
 from helpsteer_core.conversation import (
     LABEL_TOKEN,
     SPECIAL_TOKENS,
@@ -35,6 +36,7 @@ from helpsteer_core.conversation import (
 from helpsteer_core.generator import tiny_llama
 from helpsteer_core.sft_data import (
     IGNORE_INDEX,
+    RowRepeat,
     SFTDataConfig,
     SFTStats,
     apm_levels,
@@ -47,6 +49,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     quantile_levels,
+    row_repeats,
     steerable_chat_template,
     token_loss_sum,
     trained_mask,
@@ -832,3 +835,51 @@ def test_condition_on_names_known_attributes_once(condition_on: list[str], messa
     with pytest.raises(ValueError, match=message):
         SFTDataConfig(condition_on=condition_on)
     assert SFTDataConfig(condition_on=["verbosity", "quality"]).condition_on == ["quality", "verbosity"]
+
+
+# --- repeated rows (sft.repeat) --------------------------------------------------------------
+
+REGISTER_ROWS = [
+    {"prompt": "q1", "style": "simple", "first_sentences": 1},
+    {"prompt": "q1", "style": "simple", "first_sentences": None},  # the whole answer
+    {"prompt": "q1", "style": "expert", "first_sentences": 1},
+    {"prompt": "q1", "style": "plain", "first_sentences": 1},
+    {"prompt": "q2", "style": "expert", "first_sentences": 2},
+]
+
+
+def test_row_repeats_counts_each_row_by_the_first_rule_it_matches() -> None:
+    rules = [
+        RowRepeat(where={"style": ["simple", "expert"], "first_sentences": [1]}, times=8),
+        RowRepeat(where={"first_sentences": [None, 2]}, times=3),  # null matches the whole answers
+        RowRepeat(where={"style": ["simple"]}, times=5),  # q1's rows already matched a rule above
+    ]
+    assert row_repeats(REGISTER_ROWS, rules) == [8, 3, 8, 1, 3]
+    assert row_repeats(REGISTER_ROWS, []) == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (
+            {"register": ["simple"]},
+            "sft.repeat[0].where: no column 'register' in runs/x; columns: first_sentences,",
+        ),
+        (
+            {"style": ["Simple"]},
+            "sft.repeat[0]: {'style': ['Simple']} matches no row in runs/x; values there: "
+            "{'style': ['expert', 'plain', 'simple']}",
+        ),
+    ],
+)
+def test_a_repeat_rule_that_names_no_column_or_matches_no_row_is_refused(where: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        row_repeats(REGISTER_ROWS, [RowRepeat(where=where, times=2)], "runs/x")
+    assert str(raised.value).startswith(message)
+
+
+def test_a_repeat_rule_repeats_at_least_twice_and_names_a_column() -> None:
+    with pytest.raises(ValueError, match="times"):
+        RowRepeat(where={"style": ["simple"]}, times=1)
+    with pytest.raises(ValueError, match="where"):
+        RowRepeat(where={}, times=2)

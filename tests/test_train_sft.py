@@ -28,7 +28,7 @@ from helpsteer_core.lora import ADAPTER_FOLDER, LoRASettings
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
 from ray_jobs.deepspeed_engine import DeepSpeedSettings, build_config
 from ray_jobs.tracking import TrackingConfig, runs_for
-from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, run
+from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, build_examples, plan, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -411,3 +411,38 @@ def _deepspeed_choice(ds_config: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_repeated_rows_are_trained_that_many_times_an_epoch_and_validated_once(tmp_path, tiny_generator):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpsteer_core.generator import load_generator_tokenizer
+
+    rows = [
+        {"prompt": f"Question {i}?", "response": f"Answer {i}.", "style": style, "first_sentences": first}
+        | {f"apm_{name}_int": 2 for name in STEERLM.names}
+        for i, (style, first) in enumerate([("simple", 1), ("simple", None), ("expert", 1), ("plain", 1)] * 4)
+    ]
+    data = tmp_path / "relabelled"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), data / "part-000000.parquet")
+    register = {"where": {"style": ["simple", "expert"], "first_sentences": [1]}, "times": 3}
+    config = _config(tmp_path, tiny_generator, tmp_path, attribute_source="apm", repeat=[register])
+    config = config.model_copy(update={"data": str(data), "max_steps": None, "num_workers": 1})
+    tokenizer = load_generator_tokenizer(str(tiny_generator))
+    once = build_examples(config.model_copy(update={"repeat": []}), tokenizer, str(data))
+    repeated = build_examples(config, tokenizer, str(data))
+    validation = build_examples(config, tokenizer, str(data), training=False)
+    assert len(once) == len(validation) == 16
+    assert validation == once
+    # The 8 one-sentence simple/expert rows three times each, the other 8 once: 32 examples, the
+    # repeats identical to their row's example (same attribute line, same tokens).
+    assert len(repeated) == 8 * 3 + 8
+    decoded = [tokenizer.decode(e["input_ids"]) for e in repeated]
+    assert (
+        sum("Answer 0." in text for text in decoded) == 3
+        and sum("Answer 1." in text for text in decoded) == 1
+    )
+    # An epoch counts the repeats: 32 rows of 2 (micro 1 x accumulation 2 x 1 worker) are 16 steps.
+    assert plan(config, [len(e["input_ids"]) for e in repeated])[1:] == (16, 16)
