@@ -128,6 +128,8 @@ class SFTStats:
     response_cut: int = 0  # examples whose final response lost its end
     response_tokens_cut: int = 0
     trained_tokens: int = 0
+    repeated_rows: int = 0  # rows a repeat rule (sft.repeat) matched
+    repeated_examples: int = 0  # the extra examples those rows added
 
 
 @dataclass(frozen=True)
@@ -675,11 +677,15 @@ class RowRepeat(StrictModel):
     times: int = Field(ge=2)
 
 
-def row_repeats(rows: Sequence[Mapping[str, Any]], rules: Sequence[RowRepeat], source: str = "") -> list[int]:
-    """How many times each row appears an epoch under `rules` (the first rule a row matches wins;
-    1 when none does). A rule naming a column the rows lack, or matching no row, is a ConfigError
-    naming the rule, the column and the values the data has."""
+def row_repeats(
+    rows: Sequence[Mapping[str, Any]], rules: Sequence[RowRepeat], source: str = ""
+) -> tuple[list[int], list[int]]:
+    """(how many times each row appears an epoch, how many rows each rule took). The first rule a
+    row matches wins; a row no rule matches appears once. A rule naming a column the rows lack is
+    a ConfigError naming the rule, the column and the columns there are; one that matches no row
+    takes 0 rows (the caller says so: generated data may lack a style)."""
     counts = [1] * len(rows)
+    taken = [0] * len(rules)
     columns = sorted(rows[0]) if rows else []
     where = f" in {source}" if source else ""
     for number, rule in enumerate(rules):
@@ -688,20 +694,20 @@ def row_repeats(rows: Sequence[Mapping[str, Any]], rules: Sequence[RowRepeat], s
                 raise ConfigError(
                     f"sft.repeat[{number}].where: no column {column!r}{where}; columns: {', '.join(columns)}"
                 )
-        matched = [
-            index
-            for index, row in enumerate(rows)
-            if all(row.get(column) in allowed for column, allowed in rule.where.items())
-        ]
-        if not matched:
-            seen = {column: sorted({str(row.get(column)) for row in rows})[:20] for column in rule.where}
-            raise ConfigError(
-                f"sft.repeat[{number}]: {rule.where} matches no row{where}; values there: {seen}"
-            )
-        for index in matched:
-            if counts[index] == 1:
+        for index, row in enumerate(rows):
+            if counts[index] == 1 and all(
+                row.get(column) in allowed for column, allowed in rule.where.items()
+            ):
                 counts[index] = rule.times
-    return counts
+                taken[number] += 1
+    return counts, taken
+
+
+def column_values(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], most: int = 20
+) -> dict[str, list[str]]:
+    """The distinct values of each of `columns` in `rows` (as text, sorted, at most `most`)."""
+    return {column: sorted({str(row.get(column)) for row in rows})[:most] for column in columns}
 
 
 def pack_examples(

@@ -79,6 +79,7 @@ from helpsteer_core.sft_data import (
     apm_levels,
     choose_attributes,
     collate_sft,
+    column_values,
     examples_from_rows,
     pack_examples,
     prepare_tokenizer_for_template,
@@ -272,8 +273,21 @@ def build_examples(
         config.fixed_attributes,
     )
     if training and config.repeat:
-        counts = row_repeats(rows, config.repeat, folder)
+        counts, taken = row_repeats(rows, config.repeat, folder)
+        for number, (rule, matched) in enumerate(zip(config.repeat, taken, strict=True)):
+            if matched == 0:
+                seen = column_values(rows, list(rule.where))
+                log.warning(
+                    "sft.repeat[%d]: %s matches no row in %s; values there: %s",
+                    number,
+                    rule.where,
+                    folder,
+                    seen,
+                )
         examples = [example for example, count in zip(examples, counts, strict=True) for _ in range(count)]
+        if stats is not None:
+            stats.repeated_rows = sum(taken)
+            stats.repeated_examples = sum(counts) - len(counts)
     if config.examples.pack:
         examples = pack_examples(examples, config.examples.max_length)
     return examples

@@ -66,6 +66,7 @@ def _tiny_pipeline(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> lis
         "apm.eval_every=3",
         "relabel.rows_per_unit=50",
         "answers=null",
+        "sft.repeat=[]",  # the profile repeats answer rows by style; the filter's rows have none
         f"sft.generator={tiny_generator}",
         "sft.attribute_source=prefer_human",
         "sft.examples.max_length=192",

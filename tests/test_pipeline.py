@@ -50,6 +50,7 @@ def _synthetic_sft(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> lis
     return [
         *_overrides(runs, tiny_backbone, tiny_generator),
         "answers=null",
+        "sft.repeat=[]",  # the profile repeats answer rows by style; the filter's rows have none
         "sft.attribute_source=prefer_human",
     ]
 
@@ -198,7 +199,7 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "apm.max_steps=2",
         "apm.eval_every=2",
         "answers.questions=3",
-        "answers.styles=[one_sentence, brief]",
+        "answers.styles=[one_sentence, simple]",
         "answers.max_new_tokens=48",
         "answers.batch_size=6",
         "sft.micro_batch_size=1",
@@ -222,11 +223,15 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert [r["response"] for r in relabelled] == [r["response"] for r in answers]
     assert {"style", "apm_verbosity", "apm_complexity"} <= set(relabelled[0])
     levels = json.loads((runs / "sft" / "attribute_levels.json").read_text())
-    assert levels["scope"] == "all" and levels["answer_level"] == []
+    assert levels["scope"] == "all" and levels["answer_level"] == ["complexity"]
     cuts = levels["cuts"]["verbosity"]
     assert len(cuts) == 4 and cuts == sorted(cuts)
     assert sum(levels["rows_per_level"]["verbosity"]) == len(answers)
     assert summary["train_sft"]["data"]["examples"] == len(answers)
+    # The profile's repeat rule: the child's and the specialist's one-sentence versions, 8x.
+    register = [r for r in answers if r["style"] in ("simple", "expert") and r["first_sentences"] == 1]
+    assert summary["train_sft"]["data"]["repeated_rows"] == len(register)
+    assert summary["train_sft"]["data"]["repeated_examples"] == 7 * len(register)
     relevance = summary["evaluate"]["relevance"]
     assert set(relevance) >= {"tuned", "baseline", "relevance_ratio"}
     assert -1 <= relevance["tuned"]["mean_cosine"] <= 1

@@ -25,7 +25,7 @@ from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.conversation import Turn
 from helpsteer_core.generator import load_steerable, read_training_setup
 from helpsteer_core.lora import ADAPTER_FOLDER, LoRASettings
-from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
+from helpsteer_core.sft_data import SFTDataConfig, SFTStats, generation_prompt_ids
 from ray_jobs.deepspeed_engine import DeepSpeedSettings, build_config
 from ray_jobs.tracking import TrackingConfig, runs_for
 from ray_jobs.train_sft import REGISTERED_NAME, TrainSFTConfig, build_examples, plan, run
@@ -432,13 +432,15 @@ def test_repeated_rows_are_trained_that_many_times_an_epoch_and_validated_once(t
     config = config.model_copy(update={"data": str(data), "max_steps": None, "num_workers": 1})
     tokenizer = load_generator_tokenizer(str(tiny_generator))
     once = build_examples(config.model_copy(update={"repeat": []}), tokenizer, str(data))
-    repeated = build_examples(config, tokenizer, str(data))
+    stats = SFTStats()
+    repeated = build_examples(config, tokenizer, str(data), stats)
     validation = build_examples(config, tokenizer, str(data), training=False)
     assert len(once) == len(validation) == 16
     assert validation == once
     # The 8 one-sentence simple/expert rows three times each, the other 8 once: 32 examples, the
     # repeats identical to their row's example (same attribute line, same tokens).
     assert len(repeated) == 8 * 3 + 8
+    assert (stats.examples, stats.repeated_rows, stats.repeated_examples) == (16, 8, 16)
     decoded = [tokenizer.decode(e["input_ids"]) for e in repeated]
     assert (
         sum("Answer 0." in text for text in decoded) == 3
