@@ -50,6 +50,32 @@ class BatchArgs(StrictModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 
 
+class VLLMArgs(StrictModel):
+    """The vLLM engine's sizing (`engine: vllm`): Ray Serve LLM's `LLMConfig` is built from it
+    (`serve.vllm.llm_config`). A replica's engine workers take tensor_parallel_size x
+    pipeline_parallel_size GPUs, one per placement-group bundle; the Generator entry of a config's
+    `deployments:` does not apply (the LLMServer deployment replaces the Generator)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs one model is split over (within a node)
+    pipeline_parallel_size: int = Field(default=1, ge=1)  # stages over nodes; 1 on one node
+    accelerator_type: str | None = None  # e.g. H100, A100-80G: replicas go only to such GPUs
+    cpus_per_worker: float = Field(default=1, gt=0)  # CPUs beside each engine worker's GPU
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)  # sequences batched at once (vLLM's default)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: int = Field(default=16, ge=1)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+
+    def model_post_init(self, _: Any) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"vllm: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 class AppArgs(StrictModel):
     """The application's arguments: `args:` in serve/config.yaml and the RayService."""
 
@@ -65,6 +91,7 @@ class AppArgs(StrictModel):
     # transformers: serve.deployments.Generator (CPU or GPU); vllm: Ray Serve LLM (GPU, needs vllm);
     # auto: vllm when it is installed and the cluster has GPUs, else transformers.
     engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm: VLLMArgs = VLLMArgs()  # the vLLM engine's GPUs and replicas (used when the engine is vllm)
     limits: LimitArgs = LimitArgs()
     generator_batching: BatchArgs = BatchArgs()
     apm_batching: BatchArgs = BatchArgs(max_batch_size=32)
@@ -145,10 +172,16 @@ def bind_app(args: AppArgs, options: Mapping[str, Mapping[str, Any]] | None = No
     )
     settings["engine"] = engine
     if engine == "vllm":
+        if "Generator" in options:
+            raise ConfigError(
+                "deployments: Generator's options do not apply under the vllm engine (Ray Serve LLM's "
+                "LLMServer replaces it); size it with args.vllm (tensor_parallel_size, accelerator_type, "
+                "min_replicas, max_replicas, ...)"
+            )
         from serve.vllm import build_llm_deployment
 
         generator = build_llm_deployment(
-            args.model_name, generator_folder, SteerablePrompts.load(generator_folder).context
+            args.model_name, generator_folder, SteerablePrompts.load(generator_folder).context, args.vllm
         )
     else:
         stuck_after_s = 2 * args.limits.request_timeout_s + 60

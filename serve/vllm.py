@@ -17,24 +17,53 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.engine import Choice, ChoiceDelta, GenerationJob, collect
 from serve.protocol import APIError
 from serve.steerable import SteerablePrompts
 
+if TYPE_CHECKING:
+    from serve.app import VLLMArgs
 
-def build_llm_deployment(model_name: str, folder: str, context: int) -> Any:
+
+def llm_config(model_name: str, folder: str, context: int, args: VLLMArgs) -> dict[str, Any]:
+    """Ray Serve LLM's `LLMConfig` fields for a trained generator folder: the model read from the
+    folder (no hub download), vLLM's engine arguments, one GPU bundle per engine worker packed on
+    as few nodes as possible, and the replicas' autoscaling."""
+    engine = {
+        "max_model_len": context,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+    }
+    if args.max_num_seqs is not None:
+        engine["max_num_seqs"] = args.max_num_seqs
+    return {
+        "model_loading_config": {"model_id": model_name, "model_source": folder},
+        "engine_kwargs": engine,
+        "accelerator_type": args.accelerator_type,
+        "placement_group_config": {
+            "bundle_per_worker": {"GPU": 1, "CPU": args.cpus_per_worker},
+            "strategy": "PACK" if args.pipeline_parallel_size == 1 else "SPREAD",
+        },
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": args.min_replicas,
+                "max_replicas": args.max_replicas,
+                "target_ongoing_requests": args.target_ongoing_requests,
+            },
+            "max_ongoing_requests": args.max_ongoing_requests,
+        },
+    }
+
+
+def build_llm_deployment(model_name: str, folder: str, context: int, args: VLLMArgs) -> Any:
     """The `LLMServer` application for a trained generator folder (a Hugging Face folder)."""
     from ray.serve.llm import LLMConfig
     from ray.serve.llm import build_llm_deployment as build
 
-    config = LLMConfig(
-        model_loading_config={"model_id": model_name, "model_source": folder},
-        engine_kwargs={"max_model_len": context},
-        deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
-    )
-    return build(config, name_prefix="helpsteer:")
+    return build(LLMConfig(**llm_config(model_name, folder, context, args)), name_prefix="helpsteer:")
 
 
 class VLLMGenerator:

@@ -348,21 +348,38 @@ def test_each_file_starts_with_how_to_bring_it_up_and_its_cost(path):
 # --- GPU serving ----------------------------------------------------------------------------------
 
 
-def test_rayservice_gives_every_model_replica_gpus_and_autoscaling_bounds_that_fit_its_pods():
-    [(name, config)] = rayservice_configs()
-    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    assert set(deployments) == {"Ingress", "Generator", "APM"}, name
+def _replica_gpus(app: dict[str, Any]) -> dict[str, tuple[float, int, int]]:
+    """Each model deployment's (GPUs a replica, min replicas, max replicas): from `deployments:`,
+    or for the vllm engine's generator from `args.vllm` (Ray Serve LLM sizes it)."""
+    deployments = {d["name"]: d for d in app["deployments"]}
+    sized = {}
+    for model in ("Generator", "APM"):
+        if model == "Generator" and app["args"].get("engine") == "vllm":
+            vllm = app["args"]["vllm"]
+            gpus = vllm["tensor_parallel_size"] * vllm.get("pipeline_parallel_size", 1)
+            sized[model] = (gpus, vllm["min_replicas"], vllm["max_replicas"])
+            continue
+        options, scaling = deployments[model]["ray_actor_options"], deployments[model]["autoscaling_config"]
+        sized[model] = (options["num_gpus"], scaling["min_replicas"], scaling["max_replicas"])
+    return sized
+
+
+@pytest.mark.parametrize("name,config", rayservice_configs(), ids=[n for n, _ in rayservice_configs()])
+def test_rayservice_gives_every_model_replica_gpus_and_autoscaling_bounds_that_fit_its_pods(name, config):
+    app = config["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    vllm = app["args"].get("engine") == "vllm"
+    assert set(deployments) == ({"Ingress", "APM"} if vllm else {"Ingress", "Generator", "APM"}), name
     workers = _cluster_spec(load_yaml(CLUSTER / "kuberay" / name))["workerGroupSpecs"]
     pod_gpus = [
         float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
         for g in workers
     ]
     most = 0.0
-    for model in ("Generator", "APM"):
-        options, scaling = deployments[model]["ray_actor_options"], deployments[model]["autoscaling_config"]
-        assert options["num_gpus"] >= 1, model
-        assert options["num_gpus"] <= max(pod_gpus), f"{model}: one replica must fit one pod"
-        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], model
-        most += options["num_gpus"] * scaling["max_replicas"]
+    for model, (gpus, low, high) in _replica_gpus(app).items():
+        assert gpus >= 1, model
+        assert gpus <= max(pod_gpus), f"{model}: one replica must fit one pod"
+        assert 1 <= low <= high, model
+        most += gpus * high
     assert most <= sum(g["maxReplicas"] * gpus for g, gpus in zip(workers, pod_gpus, strict=True))
     assert "num_gpus" not in deployments["Ingress"]["ray_actor_options"]

@@ -371,8 +371,8 @@ def _built_deployments(config: dict[str, Any], tmp_path: Path) -> dict[str, Any]
     return {d.name: d for d in built.deployments}
 
 
-def _rayservice_config() -> dict[str, Any]:
-    manifest = yaml.safe_load((CONFIG.parents[1] / "cluster" / "kuberay" / "serve.yaml").read_text())
+def _rayservice_config(name: str = "serve.yaml") -> dict[str, Any]:
+    manifest = yaml.safe_load((CONFIG.parents[1] / "cluster" / "kuberay" / name).read_text())
     return yaml.safe_load(manifest["spec"]["serveConfigV2"])
 
 
@@ -404,6 +404,45 @@ def test_config_deployment_options_reach_the_built_deployments(tmp_path: Path):
         "Generator": 0,
         "APM": 0,
     }
+
+
+def test_the_vllm_rayservice_selects_vllm_and_its_llm_config_asks_for_the_gpus_it_names(tmp_path: Path):
+    """serve-vllm.yaml: the app's engine is vllm, and the LLMConfig built from its args passes Ray
+    Serve LLM's own schema (imported from where Ray defines it: its public module needs vLLM
+    installed) with one GPU bundle per tensor-parallel worker. That the GPUs fit the pods is
+    tests/test_cluster_configs.py's check, for both RayServices."""
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    from serve.app import _engine
+    from serve.vllm import llm_config
+
+    config = _rayservice_config("serve-vllm.yaml")
+    _, args = check_config(config, "cluster/kuberay/serve-vllm.yaml")
+    assert args.engine == "vllm" and _engine(args) == "vllm"
+    built = LLMConfig(**llm_config("helpsteer", str(tmp_path), 4096, args.vllm))
+    assert built.engine_kwargs["tensor_parallel_size"] == args.vllm.tensor_parallel_size == 4
+    assert built.engine_kwargs["max_model_len"] == 4096
+    assert built.model_loading_config.model_source == str(tmp_path)  # the folder, never a hub id
+    assert built.accelerator_type == "H100"
+    assert built.placement_group_config["bundle_per_worker"]["GPU"] == 1
+    scaling = built.deployment_config["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 3)
+    # The generator is not among the listed deployments (LLMServer replaces it); the APM asks for GPUs.
+    listed = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert "Generator" not in listed and listed["APM"]["ray_actor_options"]["num_gpus"] >= 1
+
+
+def test_generator_options_under_the_vllm_engine_are_refused(tmp_path: Path):
+    from serve.app import VLLMArgs, bind_app
+
+    (tmp_path / "generator").mkdir()
+    args = AppArgs(generator=str(tmp_path / "generator"), engine="vllm")
+    with pytest.raises(
+        ConfigError, match="Generator's options do not apply under the vllm engine.*args.vllm"
+    ):
+        bind_app(args, {"Generator": {"ray_actor_options": {"num_gpus": 4}}})
+    with pytest.raises(ValueError, match="min_replicas 3 > max_replicas 2"):
+        VLLMArgs(min_replicas=3, max_replicas=2)
 
 
 def test_the_device_follows_the_assigned_resources():
