@@ -226,6 +226,7 @@ SHIPPED = {
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "helpsteer2.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
 }
 
 
