@@ -283,6 +283,22 @@ def generate_answers(
     _run_stage("generate_answers", "AnswersConfig", config, overrides, verbose)
 
 
+@app.command()
+def bootstrap(
+    generator: Annotated[Path | None, typer.Option(help="The round-1 AC-SFT output folder")] = None,
+    apm: Annotated[Path | None, typer.Option(help="The trained APM folder that scores")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (samples, chosen, round-2 model, report)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """SteerLM's bootstrapping round: sample at targets, the APM chooses, AC-SFT round 2, report."""
+    overrides = _options(generator=generator, apm=apm, out=out) + list(set_ or [])
+    _run_stage("bootstrap", "BootstrapConfig", config, overrides, verbose)
+
+
 @app.command("filter")
 def filter_(
     data: Annotated[str | None, typer.Option(help="File, folder, hf:ID or owner/name")] = None,

@@ -5,22 +5,23 @@ r"""The SteerLM pipeline as one job, on the embedded default or any reader sourc
     ray job submit --working-dir . -- \
         python -m ray_jobs.pipeline --config configs/local.yaml runs_dir=/abs/runs
 
-Stages, in order: filter -> train_apm -> generate_answers -> relabel -> train_sft -> evaluate (on
-synthetic data when `data` is not set). With an `answers:` section (the local profile) the untuned
-generator writes its own answers to everyday questions in several styles, the APM labels them
-(relabel) and AC-SFT trains on them, conditioned on the APM's attributes: SteerLM's bootstrapping
-shape, which keeps the model answering as it did. Without it, relabel labels the filter's training
-split and generate_answers is off. Each runs as a nested MLflow run under one parent run. Each stage's
-output folder is `runs_dir/<stage>-<key>`, where the key hashes the settings that change the
-stage's result (not those that only change its speed), the content of what it reads (data files
-by their bytes, an earlier stage by its key) and the package version (`_Plan`), so a changed SFT
-setting gives train_sft and evaluate new keys and nothing else, and a data file edited in place
-reruns everything. A stage whose output is complete (its record in `runs_dir/.pipeline/`) is
-skipped and says so; one that reruns says which inputs changed. `runs_dir/filtered`, `apm`,
-`relabelled`, `sft` and `eval` link to the current outputs. `--from` starts at a stage (the earlier
-ones must be complete), `--until` stops after one, and `force=true` reruns the stages in that range
-from scratch: training from step 1 (the old run moved aside, kept), relabel predicting every part.
-A summary table closes the run.
+Stages, in order: filter -> train_apm -> generate_answers -> relabel -> train_sft -> evaluate ->
+bootstrap (on synthetic data when `data` is not set; bootstrap only with a `bootstrap:` section:
+SteerLM's self-improvement round, ray_jobs.bootstrap). With an `answers:` section (the local
+profile) the untuned generator writes its own answers to everyday questions in several styles, the
+APM labels them (relabel) and AC-SFT trains on them, conditioned on the APM's attributes: SteerLM's
+bootstrapping shape, which keeps the model answering as it did. Without it, relabel labels the
+filter's training split and generate_answers is off. Each runs as a nested MLflow run under one
+parent run. Each stage's output folder is `runs_dir/<stage>-<key>`, where the key hashes the
+settings that change the stage's result (not those that only change its speed), the content of what
+it reads (data files by their bytes, an earlier stage by its key) and the package version (`_Plan`),
+so a changed SFT setting gives train_sft and evaluate new keys and nothing else, and a data file
+edited in place reruns everything. A stage whose output is complete (its record in
+`runs_dir/.pipeline/`) is skipped and says so; one that reruns says which inputs changed.
+`runs_dir/filtered`, `apm`, `relabelled`, `sft` and `eval` link to the current outputs. `--from`
+starts at a stage (the earlier ones must be complete), `--until` stops after one, and `force=true`
+reruns the stages in that range from scratch: training from step 1 (the old run moved aside, kept),
+relabel predicting every part. A summary table closes the run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from helpsteer_core.fingerprints import (
 from helpsteer_core.outputs import TRAINING_SPEED_ONLY
 from helpsteer_core.prompt_files import read_prompt_file
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
+from ray_jobs import bootstrap as bootstrap_stage
 from ray_jobs import evaluate as evaluate_stage
 from ray_jobs import filter_data
 from ray_jobs import generate_answers as answers_stage
@@ -65,8 +67,9 @@ from ray_jobs.runtime import stage_main
 from ray_jobs.tracking import TrackingConfig, TrackingSettings, stage_run
 
 log = logging.getLogger("helpsteer.pipeline")
-STAGES = ("filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate")
-Stage = Literal["filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate"]
+STAGES = ("filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate", "bootstrap")
+Stage = Literal["filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate", "bootstrap"]
+LATE = ("train_sft", "evaluate", "bootstrap")  # keyed once relabel's output is complete
 RECORDS = ".pipeline"
 # runs_dir/<link> -> the current output of each stage (the paths the stage configs default to).
 LINKS = {
@@ -76,6 +79,7 @@ LINKS = {
     "relabel": "relabelled",
     "train_sft": "sft",
     "evaluate": "eval",
+    "bootstrap": "bootstrapped",
 }
 
 
@@ -112,12 +116,15 @@ class PipelineConfig(StrictModel):
     # Ablations: each trains and evaluates its own generator; `helpsteer compare` of the main
     # evaluation and theirs is written to runs_dir/compare.
     variants: list[Variant] = []
+    # SteerLM's bootstrapping round after evaluate (ray_jobs.bootstrap): the tuned generator's own
+    # answers, chosen by the APM, train a second AC-SFT round; null (the default) leaves it off.
+    bootstrap: bootstrap_stage.BootstrapSettings | None = None
     experiment: str = "helpsteer"
 
     # MLflow: null tracking_uri is runs_dir/mlflow.db; a cluster sets http://HEAD:5000.
     tracking: TrackingSettings = TrackingSettings()
     from_stage: Stage = "filter"  # --from: earlier stages must already be complete
-    until_stage: Stage = "evaluate"  # --until: the last stage to run
+    until_stage: Stage = "bootstrap"  # --until: the last stage to run
     force: bool = False  # rerun stages in range even when their output is complete
 
     @field_validator("variants")
@@ -189,6 +196,18 @@ class _Plan:
         sft = self.key("train_sft")
         if sft is None:
             return None
+        if stage == "bootstrap":
+            assert config.bootstrap is not None  # used() is false without the section
+            files = _bootstrap_prompt_files(config)
+            return {
+                "sft": sft,
+                "apm": self.key("train_apm"),
+                "settings": result_settings(config.bootstrap, GENERATION_SPEED_ONLY),
+                "prompt_files": {name: source_fingerprint(name) for name in files},
+                "round_1_sft": result_settings(config.sft, TRAINING_SPEED_ONLY),
+                "relabel": result_settings(config.relabel, relabel_stage.SPEED_ONLY),
+                "code": code,
+            }
         prompt_files = [*config.evaluate.real_prompts, *filter(None, [config.evaluate.mt_bench])]
         return {
             "sft": sft,
@@ -201,12 +220,14 @@ class _Plan:
         }
 
     def used(self, stage: str) -> bool:
+        if stage == "bootstrap":
+            return self.config.bootstrap is not None
         return stage != "generate_answers" or self.answers
 
     def key(self, stage: str) -> str | None:
         """The stage's key; None for train_sft and evaluate until relabel's output is complete."""
         if stage not in self.inputs:
-            late = self._late_inputs(stage) if stage in ("train_sft", "evaluate") else None
+            late = self._late_inputs(stage) if stage in LATE else None
             if late is None:
                 return None
             self.inputs[stage] = late
@@ -307,6 +328,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
         "relabel": lambda: _relabel(config, plan, tracking),
         "train_sft": lambda: _train_sft(config, plan, tracking),
         "evaluate": lambda: _evaluate(config, plan, tracking),
+        "bootstrap": lambda: _bootstrap(config, plan, tracking),
     }
     summary: dict[str, Any] = {}
     status: dict[str, str] = {}
@@ -321,7 +343,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
                 continue
             summary[stage], status[stage] = _step(stage, plan, stages[stage], config.force, on_stage)
         outputs = {stage: plan.out(stage) for stage in summary}
-        if config.variants and last == len(STAGES) - 1:
+        if config.variants and last >= STAGES.index("evaluate"):
             outputs |= _variants(config, plan, data, tracking, summary, status)
         mlflow.log_dict(summary, "pipeline_summary.json")
     _print_summary(summary, status, outputs, plan.runs)
@@ -492,6 +514,33 @@ def _evaluate(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> 
     return {key: result[key] for key in keep}
 
 
+def _bootstrap_prompt_files(config: PipelineConfig) -> list[str]:
+    """The report's held-out prompts: the bootstrap section's files, else the evaluation's."""
+    assert config.bootstrap is not None
+    return config.bootstrap.prompt_files or config.evaluate.real_prompts
+
+
+def _bootstrap(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    assert config.bootstrap is not None  # the stage is off without a `bootstrap:` section
+    stage_config = bootstrap_stage.BootstrapConfig.model_validate(
+        {
+            **config.bootstrap.model_dump(),
+            "prompt_files": _bootstrap_prompt_files(config),
+            "generator": str(plan.out("train_sft")),
+            "apm": str(plan.out("train_apm")),
+            "out": str(plan.out("bootstrap")),
+            "round_1_sft": config.sft.model_dump(mode="json"),
+            "relabel": config.relabel.model_dump(),
+            "storage": str(plan.runs / "ray_train"),
+            "restart": config.force,
+            "tracking": tracking.model_dump(),
+        }
+    )
+    result = bootstrap_stage.run(stage_config)
+    keep = ("out", "chosen", "training", "held_out", "round_2_sft")
+    return {key: result[key] for key in keep if key in result}
+
+
 def _print_summary(
     summary: dict[str, Any], status: dict[str, str], outputs: dict[str, Path], runs: Path
 ) -> None:
@@ -540,6 +589,13 @@ def _result(stage: str, result: dict[str, Any]) -> str:
     if stage == "relabel":
         rejected = f", {result['rejected_rows']} rejected" if result.get("rejected_rows") else ""
         return f"{result['output_rows']} rows{rejected}, {result['rows_per_second']} rows/s"
+    if stage == "bootstrap":
+        held = result.get("held_out") or {}
+        moved = ""
+        if held:
+            before, after = held["round_1"]["distance"], held["round_2"]["distance"]
+            moved = f"; held-out distance to the request: round 1 {before} -> round 2 {after}"
+        return f"{result['chosen']} chosen answers, {result['round_2_sft']['steps']} round-2 steps{moved}"
     if stage == "train_sft":
         final = result.get("final", {})
         loss = f"loss {final['loss']:.3f}" if "loss" in final else ""

@@ -185,6 +185,55 @@ def test_a_variant_shares_every_stage_before_sft_and_is_compared_with_the_main_r
     assert _stage_runs(runs)[-1] == []
 
 
+def test_bootstrap_round_chooses_the_apms_closest_answers_trains_round_2_and_reports_both(first_run):
+    """SteerLM's bootstrapping as a pipeline stage after evaluate: the tuned generator answers
+    each target several times, the APM scores them, the closest per target train a second AC-SFT
+    round from the round-1 weights, and the report gives the held-out distance of both rounds."""
+    runs, overrides, _ = first_run
+    section = (
+        "bootstrap={questions: 2, targets_per_question: 2, candidates: 3, max_new_tokens: 8, "
+        "batch_size: 12, held_out: 2, sft: {max_steps: 2, checkpoint_every: 2}}"
+    )
+    summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, section]))
+    assert _stage_runs(runs)[-1] == ["bootstrap"]  # every earlier stage was complete
+    out = runs / "bootstrapped"
+    assert out.resolve() == Path(summary["bootstrap"]["out"]).resolve()
+    scored = [
+        r
+        for f in sorted((out / "round-1" / "scored").glob("part-*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    chosen = pq.read_table(out / "chosen" / "part-000000.parquet").to_pylist()
+    rejected = sum(1 for line in (out / "round-1" / "rejects.jsonl").read_text().splitlines() if line)
+    assert len(scored) + rejected == 2 * 2 * 3  # questions x targets x candidates, reconciled
+    assert sorted(r["target_id"] for r in chosen) == sorted({r["target_id"] for r in scored})
+    for row in chosen:  # the closest of its target's candidates by the APM's scores
+        mine = [r for r in scored if r["target_id"] == row["target_id"]]
+        closest = min(
+            mine,
+            key=lambda r: (
+                sum((r[f"apm_{n}"] - r[f"target_{n}"]) ** 2 for n in ("verbosity", "complexity")),
+                r["candidate"],
+            ),
+        )
+        assert (row["candidate"], row["response"]) == (closest["candidate"], closest["response"])
+        assert row["chosen_from"] == len(mine) and 0 <= row["target_verbosity"] <= 4
+    # Round 2 trained from the round-1 model on the chosen rows, with the bootstrap's steps.
+    setup = yaml.safe_load((out / "sft" / "sft_config.yaml").read_text())
+    assert Path(setup["generator"]).resolve() == (runs / "sft").resolve()
+    assert Path(setup["data"]) == out / "chosen" and setup["max_steps"] == 2 and setup["repeat"] == []
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] == len(chosen) and report["held_out"]["prompts"] == 2
+    for round_name in ("round_1", "round_2"):
+        assert report["held_out"][round_name]["rows"] >= 1
+        assert report["held_out"][round_name]["distance"] >= 0
+    assert report["training"]["chosen"]["distance"] <= report["training"]["candidates"]["distance"]
+    assert "| held out (2 prompts): round 2 |" in (out / "report.md").read_text()
+    # Complete: a second run skips it.
+    run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, section]))
+    assert _stage_runs(runs)[-1] == []
+
+
 def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     ray_head, tiny_backbone, tmp_path_factory
 ):

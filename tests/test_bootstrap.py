@@ -1,0 +1,67 @@
+"""SteerLM bootstrapping's logic without Ray (helpsteer_core.bootstrap): the targets, the distance
+and the choice. The stage itself runs in tests/test_pipeline.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES
+from helpsteer_core.bootstrap import choose, distance, draw_targets, mean_gaps, scored_row
+from helpsteer_core.config import ConfigError
+
+DEFAULTS = DEFAULT_ATTRIBUTES["helpsteer2"]
+
+
+def test_targets_draw_the_varied_attributes_in_range_and_keep_the_rest_at_the_defaults():
+    targets = draw_targets(["q0", "q1", "q2"], ["verbosity", "complexity"], 4, DEFAULTS, seed=3)
+    assert [t.target_id for t in targets] == list(range(12))
+    assert [t.prompt for t in targets[:5]] == ["q0"] * 4 + ["q1"]
+    for target in targets:
+        assert {k: v for k, v in target.attributes.items() if k not in target.drawn} == {
+            k: v for k, v in DEFAULTS.items() if k not in ("verbosity", "complexity")
+        }
+        assert all(0 <= target.attributes[n] <= 4 for n in target.drawn)
+    drawn = {(t.attributes["verbosity"], t.attributes["complexity"]) for t in targets}
+    assert len(drawn) > 3  # they vary
+    assert draw_targets(["q0", "q1", "q2"], ["verbosity", "complexity"], 4, DEFAULTS, seed=3) == targets
+
+
+def test_an_unknown_attribute_to_vary_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ConfigError, match="vary: \\['length'\\]; allowed: a non-empty list of quality"):
+        draw_targets(["q"], ["length"], 1, DEFAULTS, seed=0)
+
+
+def _candidate(target_id: int, candidate: int, verbosity: float, complexity: float, helpful: float = 2.0):
+    row = {
+        "target_id": target_id,
+        "candidate": candidate,
+        "target_verbosity": 4,
+        "target_complexity": 0,
+        "apm_verbosity": verbosity,
+        "apm_complexity": complexity,
+        "apm_helpfulness": helpful,
+    }
+    return scored_row(row, ["verbosity", "complexity"])
+
+
+def test_the_closest_candidate_per_target_is_chosen_ties_to_the_first():
+    rows = [
+        _candidate(0, 0, 2.0, 2.0),  # distance sqrt(8)
+        _candidate(0, 1, 3.5, 0.5),  # sqrt(0.5): the closest
+        _candidate(0, 2, 3.5, 0.5),  # the same: the earlier candidate wins
+        _candidate(1, 0, 0.0, 4.0, helpful=3.9),
+        _candidate(1, 1, 4.0, 1.0, helpful=1.0),
+    ]
+    assert rows[1]["distance"] == pytest.approx(math.sqrt(0.5), abs=1e-6)
+    chosen = choose(rows, ["verbosity", "complexity"], "closest", "helpfulness")
+    assert [(r["target_id"], r["candidate"], r["chosen_from"]) for r in chosen] == [(0, 1, 3), (1, 1, 2)]
+    highest = choose(rows, ["verbosity", "complexity"], "highest", "helpfulness")
+    assert [(r["target_id"], r["candidate"]) for r in highest] == [(0, 0), (1, 0)]
+    gaps = mean_gaps(chosen, ["verbosity", "complexity"])
+    assert gaps["rows"] == 2
+    assert gaps["per_attribute"] == {"verbosity": pytest.approx(0.25), "complexity": pytest.approx(0.75)}
+    assert gaps["distance"] == pytest.approx((math.sqrt(0.5) + 1.0) / 2, abs=1e-4)
+    assert mean_gaps([], ["verbosity"]) == {"rows": 0, "distance": None, "per_attribute": {}}
+    assert distance({"verbosity": 1.0}, {"verbosity": 4}, ["verbosity"]) == 3.0
