@@ -319,10 +319,41 @@ def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_
             adapted(torch.tensor([prompt])).logits, model(torch.tensor([prompt])).logits, atol=1e-4, rtol=1e-4
         )
 
+    _serves_through_our_app(out)
+
     # The full-model run, continued, resumes its own step-2 checkpoint (not the LoRA run's step 8).
     run(full.model_copy(update={"max_steps": 3}))
     assert sorted(_history(tmp_path / "runs", "loss")) == [3]
     assert not (out / ADAPTER_FOLDER).exists() and read_training_setup(out)["exported"]["weights"] == "full"
+
+
+def _serves_through_our_app(folder: Path) -> None:
+    """The exported folder behind the real Serve app: a steered chat completion over HTTP."""
+    import socket
+
+    import requests
+    from ray import serve
+
+    from serve.app import AppArgs, bind_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        args = AppArgs(generator=str(folder), api_key_env=None)
+        options = {name: {"ray_actor_options": {"num_cpus": 0}} for name in ("Ingress", "Generator")}
+        serve.run(bind_app(args, options), name="lora", route_prefix="/")
+        body = {"model": "helpsteer", "messages": [{"role": "user", "content": "Describe France."}]}
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={**body, "attributes": {"verbosity": 0}, "max_tokens": 4, "temperature": 0},
+            timeout=300,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        serve.shutdown()
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
