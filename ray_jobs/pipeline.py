@@ -189,7 +189,7 @@ class _Plan:
             return {
                 "examples": train_sft_stage.examples_fingerprint(config.sft, self.out("relabel")),
                 "validation": None if self.answers else self.key("filter"),
-                "settings": result_settings(config.sft, TRAINING_SPEED_ONLY),
+                "settings": train_sft_stage.identity_settings(config.sft, TRAINING_SPEED_ONLY),
                 "generator": model_fingerprint(config.sft.generator),
                 "code": code,
             }
@@ -204,7 +204,7 @@ class _Plan:
                 "apm": self.key("train_apm"),
                 "settings": result_settings(config.bootstrap, GENERATION_SPEED_ONLY),
                 "prompt_files": {name: source_fingerprint(name) for name in files},
-                "round_1_sft": result_settings(config.sft, TRAINING_SPEED_ONLY),
+                "round_1_sft": train_sft_stage.identity_settings(config.sft, TRAINING_SPEED_ONLY),
                 "relabel": result_settings(config.relabel, relabel_stage.SPEED_ONLY),
                 "code": code,
             }

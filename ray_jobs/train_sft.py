@@ -200,12 +200,20 @@ class TrainSFTConfig(TrainSFTSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
+def identity_settings(settings: TrainSFTSettings, leave_out: Sequence[str]) -> dict[str, Any]:
+    """`result_settings` less the options that are off and came later (`lora` null, `repeat`
+    empty): a run that does not use them keeps the identity and cache key it had before."""
+    kept = result_settings(settings, leave_out)
+    for key, off in (("lora", None), ("repeat", [])):
+        if kept.get(key) == off:
+            kept.pop(key, None)
+    return kept
+
+
 def run_identity(config: TrainSFTConfig) -> dict[str, Any]:
     """What the trained weights depend on (a resolved config): the settings less the speed-only
     ones and max_steps/epochs, the training rows' content and the starting model's."""
-    settings = result_settings(config, (*TRAINING_SPEED_ONLY, *CONTINUES, *PLACES, "generator"))
-    if settings.get("lora") is None:
-        settings.pop("lora", None)  # a full-model run keeps the identity it had before LoRA existed
+    settings = identity_settings(config, (*TRAINING_SPEED_ONLY, *CONTINUES, *PLACES, "generator"))
     return {
         "stage": "train_sft",
         "settings": settings,
