@@ -131,12 +131,21 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
     settings = round_2_settings(config)
     prompt_files = [resolve_path(f) for f in config.prompt_files]
     held_out = real_prompts(prompt_files, config.held_out) if prompt_files else []
+    resolved = config.model_copy(
+        update={"out": str(out), "generator": str(generator), "apm": str(apm), "restart": False}
+    )
     if config.restart and out.exists():
         shutil.rmtree(out)  # check_replaceable above: this stage's own output
+    recorded = out / "config.yaml"
+    if recorded.is_file() and recorded.read_text() != dump_config(resolved):
+        # Its finished steps would be resumed as if they were this config's.
+        raise ConfigError(
+            f"{out} holds a bootstrap run of other settings ({recorded}); give another `out`, or "
+            "restart=true to start this one over there"
+        )
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, STAGE)
-    resolved = config.model_copy(update={"out": str(out), "generator": str(generator), "apm": str(apm)})
-    (out / "config.yaml").write_text(dump_config(resolved))
+    recorded.write_text(dump_config(resolved))
     defaults = dict(DEFAULT_ATTRIBUTES[config.defaults])
     ensure_ray()
     quiet_ray_data()

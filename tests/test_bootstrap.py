@@ -65,3 +65,24 @@ def test_the_closest_candidate_per_target_is_chosen_ties_to_the_first():
     assert gaps["distance"] == pytest.approx((math.sqrt(0.5) + 1.0) / 2, abs=1e-4)
     assert mean_gaps([], ["verbosity"]) == {"rows": 0, "distance": None, "per_attribute": {}}
     assert distance({"verbosity": 1.0}, {"verbosity": 4}, ["verbosity"]) == 3.0
+
+
+def test_a_bootstrap_out_of_other_settings_is_refused_before_any_work(tmp_path):
+    from helpsteer_core.outputs import mark_output
+    from ray_jobs.bootstrap import BootstrapConfig, run
+
+    out = tmp_path / "bootstrapped"
+    out.mkdir()
+    mark_output(out, "bootstrap")
+    (out / "config.yaml").write_text("questions: 7\n")  # an earlier run's settings
+    config = BootstrapConfig(generator=str(tmp_path / "sft"), apm=str(tmp_path / "apm"), out=str(out))
+    with pytest.raises(ConfigError, match="holds a bootstrap run of other settings"):
+        run(config)
+    assert (out / "config.yaml").read_text() == "questions: 7\n"  # nothing was replaced
+
+    user = tmp_path / "mine"  # a folder the stage did not write is refused, and left alone
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="was not written by the bootstrap stage"):
+        run(config.model_copy(update={"out": str(user)}))
+    assert (user / "notes.txt").read_text() == "keep"
