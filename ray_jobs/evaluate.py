@@ -297,6 +297,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             "held-out prompts": f"{', '.join(f'{a} {n}' for a, n in counts.items())} from {data}",
             "defaults": f"{config.defaults} {defaults}",
             "decoding": f"temperature {config.temperature}, max_new_tokens {config.max_new_tokens}",
+            "time": _timing(timing, generator),
             "responses that ended on their own": ", ".join(
                 f"{m} {sum(r['finished'] for r in synthetic if r['model'] == m)}"
                 f"/{sum(r['model'] == m for r in synthetic)}"
@@ -416,6 +417,19 @@ def _relevance(records: list[dict[str, Any]], defaults: dict[str, int], encoder:
         )
     log.info("evaluate: relevance %s", summary)
     return summary
+
+
+def _timing(timing: dict[str, float], generator: Path) -> str:
+    """How long each model took to answer here, and how long the tuned one took to train."""
+    from ray_jobs.train_sft import TRAINING_FILE
+
+    text = "answering: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items())
+    try:
+        trained = json.loads((generator / TRAINING_FILE).read_text())
+        text += f"; the tuned generator's AC-SFT: {trained['steps']} steps in {trained['seconds']:.0f} s"
+    except (OSError, ValueError, KeyError):
+        pass  # trained before the file existed, or not by train_sft
+    return text
 
 
 def _real_setup(

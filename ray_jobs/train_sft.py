@@ -110,6 +110,7 @@ from ray_jobs.runtime import ensure_ray, fit_trainer, prepare_generator, stage_m
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_sft")
+TRAINING_FILE = "training.json"  # in the exported folder: steps, rows a step, the stage's seconds
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
 # How apm_quantile's levels were made, beside the model: the scope, the answer-level attributes,
@@ -552,6 +553,7 @@ def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Pa
 
 
 def run(config: TrainSFTConfig) -> dict[str, Any]:
+    started = time.perf_counter()
     data, out, storage = resolve_path(config.data), resolve_path(config.out), resolve_path(config.storage)
     staging = prepare_output(out, "train_sft")  # a folder this stage did not write is refused now
     validation = resolve_path(config.validation) if config.validation else None
@@ -613,6 +615,13 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
                 raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
             shutil.copytree(exported, staging)
         (staging / "data_stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
+        # How long this model took to train (the evaluation's report quotes it).
+        took = {
+            "steps": total,
+            "global_batch_rows": width,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (staging / TRAINING_FILE).write_text(json.dumps(took, indent=2) + "\n")
         if levels is not None:
             (staging / LEVELS_FILE).write_text(json.dumps(levels, indent=2) + "\n")
         publish(staging, out, "train_sft")

@@ -96,6 +96,10 @@ def test_local_profile_runs_every_stage_under_one_parent_run(first_run):
     assert (runs / "sft" / "model.safetensors").is_file() and summary["train_sft"]["steps"] == 3
     report = (runs / "eval" / "report.md").read_text()
     assert "| verbosity | words |" in report and "| complexity | fk_grade |" in report
+    # The report says how long the answers and the tuned model's training took.
+    trained = json.loads((runs / "sft" / "training.json").read_text())
+    assert trained["steps"] == 3 and trained["seconds"] > 0
+    assert f"the tuned generator's AC-SFT: 3 steps in {trained['seconds']:.0f} s" in report
     assert set(summary["evaluate"]["steerability"]) == {"tuned", "baseline"}
     assert _stage_runs(runs) == [["evaluate", "filter_data", "relabel", "train_apm", "train_sft"]]
     client = mlflow.MlflowClient(TrackingConfig(runs_dir=str(runs)).uri())
