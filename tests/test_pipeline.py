@@ -196,7 +196,8 @@ def test_bootstrap_round_chooses_the_apms_closest_answers_trains_round_2_and_rep
     runs, overrides, _ = first_run
     section = (
         "bootstrap={questions: 2, targets_per_question: 2, candidates: 3, max_new_tokens: 8, "
-        "batch_size: 12, held_out: 2, sft: {max_steps: 2, checkpoint_every: 2}}"
+        "batch_size: 12, held_out: 2, sft: {max_steps: 2, checkpoint_every: 2, micro_batch_size: 1, "
+        "accumulation_steps: 2}}"
     )
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, section]))
     assert _stage_runs(runs)[-1] == ["bootstrap"]  # every earlier stage was complete
@@ -225,7 +226,8 @@ def test_bootstrap_round_chooses_the_apms_closest_answers_trains_round_2_and_rep
     # Round 2 trained from the round-1 model on the chosen rows, with the bootstrap's steps.
     setup = yaml.safe_load((out / "sft" / "sft_config.yaml").read_text())
     assert Path(setup["generator"]).resolve() == (runs / "sft").resolve()
-    assert Path(setup["data"]) == out / "chosen" and setup["max_steps"] == 2 and setup["repeat"] == []
+    assert Path(setup["data"]).resolve() == (out / "chosen").resolve()
+    assert setup["max_steps"] == 2 and setup["repeat"] == []
     report = json.loads((out / "report.json").read_text())
     assert report["chosen"] == len(chosen) and report["held_out"]["prompts"] == 2
     for round_name in ("round_1", "round_2"):
