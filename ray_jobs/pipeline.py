@@ -197,7 +197,8 @@ class _Plan:
         if sft is None:
             return None
         if stage == "bootstrap":
-            assert config.bootstrap is not None  # used() is false without the section
+            if config.bootstrap is None:
+                return None  # off: used() is false, and it has no key
             files = _bootstrap_prompt_files(config)
             return {
                 "sft": sft,
@@ -234,6 +235,8 @@ class _Plan:
         return settings_key(self.inputs[stage])
 
     def out(self, stage: str) -> Path:
+        if not self.used(stage):
+            raise ConfigError(f"{stage}: off in this config (no output folder)")
         key = self.key(stage)
         if key is None:
             raise ConfigError(f"{stage}: its inputs are not complete yet (run relabel first)")

@@ -54,7 +54,7 @@ def _relabelled(plan: _Plan, apm_offset: float = 0.0) -> None:
 
 
 def _outs(plan: _Plan) -> dict[str, str]:
-    return {stage: plan.out(stage).name for stage in STAGES if stage != "generate_answers"}
+    return {stage: plan.out(stage).name for stage in STAGES if plan.used(stage)}
 
 
 def test_settings_that_only_change_speed_change_no_key(tmp_path, data):
