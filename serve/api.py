@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import secrets
 import time
 import uuid
@@ -43,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from helpsteer_core.attributes import DEFAULT_ATTRIBUTES
+from helpsteer_core.bootstrap import distance
 from helpsteer_core.conversation import Turn, join_prompt_turns
 from serve.engine import Choice, ChoiceDelta, GenerationJob, SamplingParams
 from serve.protocol import (
@@ -306,8 +306,8 @@ class Frontend:
         ranked: list[dict[str, Any]] = []
         for choice, row in zip(choices, predictions, strict=True):
             scores = {name: round(row[SCHEMA.index(name)], 4) for name in apm.trained}
-            distance = math.sqrt(sum((row[SCHEMA.index(n)] - plan.attributes[n]) ** 2 for n in compared))
-            ranked.append({"choice": choice, "scores": scores, "distance": round(distance, 4)})
+            gap = distance({n: row[SCHEMA.index(n)] for n in compared}, plan.attributes, compared)
+            ranked.append({"choice": choice, "scores": scores, "distance": round(gap, 4)})
         ranked.sort(key=lambda item: (item["distance"], item["choice"].index))
         return ranked, compared
 
