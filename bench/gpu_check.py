@@ -14,6 +14,8 @@ nothing is downloaded:
   APM deployment run it), 1,024 synthetic rows: rows/s.
 - `sft_deepspeed`: AC-SFT steps of SmolLM2 under DeepSpeed bf16 ZeRO-1 on one GPU (NCCL), the
   training stage's step (`bench/sft_engine.time_layout`): tokens/s. Skipped without deepspeed.
+- `sft_lora`: the same steps with LoRA adapters (r 16, every linear layer) under bf16 ZeRO-2 and
+  ZeRO-3 (fp32 on a CPU): tokens/s of each. Skipped without deepspeed.
 - `vllm`: the same generation through vLLM, when it is installed. Skipped without it.
 
 Prints a table and writes `gpu_check.json` to `--out`. `--device cpu --quick` runs the same code
@@ -124,15 +126,11 @@ def check_apm(device: str, quick: bool) -> tuple[str, str]:
 
 def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
     _need("deepspeed")
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-    os.environ.setdefault("MASTER_PORT", "29541")
     from sft import synthetic_examples  # bench/sft.py
     from sft_engine import LAYOUTS, time_layout  # bench/sft_engine.py
 
-    from ray_jobs.deepspeed_engine import join_process_group
-
     use_gpu = device == "cuda"
-    join_process_group(use_gpu)
+    _one_process_group(use_gpu)
     steps = 3 if quick else 12
     examples, tokenizer = synthetic_examples(8 * steps + 8, 1)
     layout = LAYOUTS["bf16 ZeRO-1, trained-position logits"]
@@ -142,6 +140,27 @@ def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
     return (
         f"{rate:.0f} tokens/s",
         f"{steps} steps of 8 rows, {layout['precision']} ZeRO-{layout['zero_stage']}",
+    )
+
+
+def check_sft_lora(device: str, quick: bool) -> tuple[str, str]:
+    _need("deepspeed")
+    from sft import synthetic_examples  # bench/sft.py
+    from sft_engine import LAYOUTS, time_layout  # bench/sft_engine.py
+
+    use_gpu = device == "cuda"
+    _one_process_group(use_gpu)
+    steps = 3 if quick else 12
+    examples, tokenizer = synthetic_examples(8 * steps + 8, 1)
+    rates = []
+    for stage in (2, 3):
+        layout = LAYOUTS[f"bf16 ZeRO-{stage}, LoRA r 16"]
+        if not use_gpu:
+            layout = layout | {"precision": "fp32"}
+        rates.append(time_layout(layout, examples, tokenizer, steps, use_gpu=use_gpu))
+    return (
+        f"{rates[0]:.0f} / {rates[1]:.0f} tokens/s",
+        f"ZeRO-2 / ZeRO-3, LoRA r 16, {steps} steps of 8 rows, {layout['precision']}",
     )
 
 
@@ -169,8 +188,21 @@ STEPS: dict[str, Callable[[str, bool], tuple[str, str]]] = {
     "generation": check_generation,
     "apm": check_apm,
     "sft_deepspeed": check_sft_deepspeed,
+    "sft_lora": check_sft_lora,
     "vllm": check_vllm,
 }
+
+
+def _one_process_group(use_gpu: bool) -> None:
+    """A one-process group (NCCL on the GPU), as a stage's single Ray Train worker joins; once."""
+    import torch.distributed as dist
+
+    from ray_jobs.deepspeed_engine import join_process_group
+
+    if not dist.is_initialized():
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", "29541")
+        join_process_group(use_gpu)
 
 
 def _sync(on_gpu: bool) -> None:

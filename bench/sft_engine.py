@@ -12,6 +12,8 @@ figures show what the engine costs without the stage around it. Layouts, each ag
 - bf16, ZeRO-1 (DeepSpeed's BF16_Optimizer: fp32 master weights and gradient sums)
 - bf16, ZeRO-1, logits only at trained positions (`logits_to_keep`): the local profile
 - the same with only the top 15 decoder layers trained (`trainable_layers: 15`)
+- LoRA (`sft.lora: {r: 16}` on every linear layer) under bf16 ZeRO-2 and ZeRO-3 (the 70B LoRA
+  profile's stage); not in the default run, the GPU check (`bench/gpu_check.py`) times them
 
 Tokens are input tokens without padding; the first step of each layout is not timed. With
 `--ray` the same layouts are timed again inside a Ray task on a local cluster (the process setting
@@ -36,7 +38,22 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "bf16 ZeRO-1": BF16 | {"keep": False, "layers": None},
     "bf16 ZeRO-1, trained-position logits": BF16 | {"keep": True, "layers": None},
     "... and trainable_layers 15": BF16 | {"keep": True, "layers": 15},
+    "bf16 ZeRO-2, LoRA r 16": {
+        "precision": "bf16",
+        "zero_stage": 2,
+        "keep": True,
+        "layers": None,
+        "lora": 16,
+    },
+    "bf16 ZeRO-3, LoRA r 16": {
+        "precision": "bf16",
+        "zero_stage": 3,
+        "keep": True,
+        "layers": None,
+        "lora": 16,
+    },
 }
+DEFAULT_LAYOUTS = [name for name, layout in LAYOUTS.items() if not layout.get("lora")]
 
 
 def time_layout(
@@ -67,7 +84,13 @@ def time_layout(
     dtype = torch.bfloat16 if settings.bf16(use_gpu) else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cached_smollm2(), dtype=dtype)
     model.config.use_cache = False
-    if layout["layers"]:
+    if layout.get("lora"):
+        from helpsteer_core.lora import LoRASettings, apply_lora
+
+        model = apply_lora(
+            model, LoRASettings(r=layout["lora"], alpha=2.0 * layout["lora"]), layout["layers"]
+        )
+    elif layout["layers"]:
         train_top_layers(model, layout["layers"])
     engine = init_engine(model, config)
     engine.train()
@@ -116,7 +139,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--layout", action="append", choices=list(LAYOUTS), help="time only these (repeatable); default: all"
+        "--layout",
+        action="append",
+        choices=list(LAYOUTS),
+        help="time only these (repeatable); default: all but LoRA",
     )
     parser.add_argument(
         "--ray",
@@ -124,7 +150,7 @@ def main() -> None:
         help="also time the layouts inside a Ray task on a local cluster (the stage's process setting)",
     )
     args = parser.parse_args()
-    names = args.layout or list(LAYOUTS)
+    names = args.layout or DEFAULT_LAYOUTS
     print(f"SmolLM2-135M, 8-row steps (micro 2 x accumulation 4), {args.steps} steps, {args.threads} threads")
     rates = {"process": run_layouts(names, args.steps, args.rows, args.threads, 29531)}
     if args.ray:

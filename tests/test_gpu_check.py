@@ -37,8 +37,11 @@ def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
         "generation": "pass",
         "apm": "pass",
         "sft_deepspeed": "pass",
+        "sft_lora": "pass",
         "vllm": "skipped",  # not installed here
     }
-    for name in ("generation", "apm", "sft_deepspeed"):
+    for name in ("generation", "apm", "sft_deepspeed", "sft_lora"):
         assert float(steps[name]["figure"].split()[0]) > 0, steps[name]
-    assert "5 of 5 steps did not fail" in done.stdout
+    zero2, zero3 = steps["sft_lora"]["figure"].split()[0:3:2]
+    assert float(zero2) > 0 and float(zero3) > 0, steps["sft_lora"]
+    assert "6 of 6 steps did not fail" in done.stdout
