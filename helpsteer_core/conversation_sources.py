@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from helpsteer_core.attributes import STEERLM, AttributeValueError
 from helpsteer_core.config import StrictModel
-from helpsteer_core.conversation import DEFAULT_SYSTEM, Conversation, Turn
+from helpsteer_core.conversation import DEFAULT_SYSTEM, Conversation, Turn, join_prompt_turns
 from helpsteer_core.nemo_format import NemoFormatError, conversation_from_acsft, conversation_from_regression
 from helpsteer_core.oasst import (
     OasstOptions,
@@ -42,6 +42,7 @@ from helpsteer_core.readers import Shard, SourceError, iter_raw_rows, resolve_so
 from helpsteer_core.records import RowError, parse_json_line, validate_row
 
 FORMATS = ("helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression")
+InputFormat = Literal["auto", "helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression"]
 KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
 RAW_PREVIEW = 2000  # characters of a rejected unit's text kept in the rejects file
 
@@ -49,9 +50,7 @@ RAW_PREVIEW = 2000  # characters of a rejected unit's text kept in the rejects f
 class ReadOptions(StrictModel):
     """How a source is read as conversations; the defaults are NeMo-Aligner's choices."""
 
-    input_format: Literal[
-        "auto", "helpsteer", "oasst-trees", "oasst-messages", "nemo-acsft", "nemo-regression"
-    ] = "auto"
+    input_format: InputFormat = "auto"
     oasst: OasstOptions = OasstOptions()
     # HelpSteer rows: the human labels (`helpfulness`, ...) or the APM's rounded ones (`apm_<name>_int`).
     attribute_source: Literal["human", "apm"] = "human"
@@ -257,6 +256,39 @@ def read_shards(shards: list[Shard], fmt: str, options: ReadOptions) -> Iterator
     """Every shard's units, shard after shard; the message table is grouped over all shards."""
     raws = (raw for shard in shards for raw in iter_raw_rows(shard))
     yield from read_units(raws, fmt, options)
+
+
+def turn_rows(unit: UnitResult) -> list[dict[str, Any]]:
+    """A kept unit's assistant turns as HelpSteer-style rows, one a turn, for the stages that read
+    rows (filter, train_apm, relabel, train_sft).
+
+    A row's `prompt` is the conversation before the turn as a HelpSteer2 multi-turn prompt (earlier
+    assistant turns are context, without their attributes, as `conversation_from_row` reads them
+    back), its `response` the turn, its attribute columns the turn's own labels (none for an
+    unlabelled turn, so a stage can still score it), and `conversation_id` (the tree id, else
+    `file:line`) and `turn` (1 for a conversation's first assistant turn) say where it came from;
+    OpenAssistant turns also keep their `message_id`. A turn that two paths of one tree share (each
+    root-to-leaf path is a conversation) is one row.
+    """
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for conversation in unit.conversations:
+        meta = conversation.meta
+        conversation_id = str(meta.get("message_tree_id") or f"{unit.input_file}:{unit.input_line}")
+        message_ids = meta.get("message_ids")
+        for index, turn in enumerate(conversation.turns):
+            if turn.role != "Assistant":
+                continue
+            prompt = join_prompt_turns(conversation.turns[:index])
+            if (prompt, turn.text) in seen:
+                continue
+            seen.add((prompt, turn.text))
+            row: dict[str, Any] = {"prompt": prompt, "response": turn.text, **(turn.attributes or {})}
+            row.update(conversation_id=conversation_id, turn=(index + 1) // 2)
+            if isinstance(message_ids, list):
+                row["message_id"] = message_ids[index]
+            rows.append(row)
+    return rows
 
 
 @dataclass

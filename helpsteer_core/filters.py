@@ -8,9 +8,14 @@ Every input row ends with exactly one status:
     by how much. Filters run in that order and the first that applies is the one counted.
   - `kept`: a valid row, assigned to `train` or `validation`.
 
+A conversation source (OpenAssistant, NeMo-Aligner files) is read as one row per assistant turn
+(`conversation_sources.turn_rows`); a unit its reader rejects or leaves out (a tree in another
+language, say) is one rejected or filtered row, with the reader's field and reason.
+
 De-duplication is global (exact prompt + response): the first row in input order is kept.
-The split is by a hash of the prompt and a seed, so it is deterministic, needs no global state,
-and never puts one prompt (with all its responses) in both splits.
+The split is by a hash of the prompt (of `conversation_id` where a row has one) and a seed, so it
+is deterministic, needs no global state, and never puts one prompt (with all its responses) or one
+conversation (with all its turns) in both splits.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def assessed_schema(schema: AttributeSchema = STEERLM) -> pa.Schema:
             ("input_file", pa.string()),
             ("input_line", pa.int64()),
             ("input_order", pa.int64()),
+            ("input_turn", pa.int64()),  # a conversation source's turn row within its unit; else 0
             ("raw", pa.string()),
             ("status", pa.string()),
             ("filter", pa.string()),
@@ -125,8 +131,14 @@ def assess_rows(
     for raw in raw_rows:
         row: dict[str, Any] = {name: None for name in assessed_schema(schema).names}
         row.update({k: raw[k] for k in ("input_file", "input_line", "input_order", "raw")})
-        row.update(status=KEPT, filter="", field="", reason="", split="")
+        row.update(input_turn=raw.get("input_turn", 0), status=KEPT, filter="", field="", reason="", split="")
+        if raw.get("unit_status") == FILTERED:  # a conversation source's option left the unit out
+            row.update(status=FILTERED, filter=raw["unit_field"], reason=raw["unit_reason"])
+            out.append(row)
+            continue
         try:
+            if raw.get("unit_status") == REJECTED:
+                raise RowError(raw["unit_field"], raw["unit_reason"])
             if raw["read_error"]:
                 raise RowError("file", raw["read_error"])
             record = validate_row(parse_json_line(raw["raw"]), schema)
@@ -141,7 +153,8 @@ def assess_rows(
             extra_json=json.dumps(extra, ensure_ascii=False, default=str),
             extra_keys=json.dumps(list(extra)),
             dedup_key=dedup_key(record.prompt, record.response),
-            split=assign_split(record.prompt, split),
+            # One conversation's turns stay in one split, as one prompt's responses do.
+            split=assign_split(str(extra.get("conversation_id", record.prompt)), split),
             **record.attributes,
         )
         out.append(row)
@@ -172,15 +185,16 @@ def _apply_filters(row: dict[str, Any], labelled: dict[str, int], filters: Filte
             return
 
 
-def find_duplicates(keys: Iterable[tuple[str, int, int]]) -> set[tuple[int, int]]:
-    """(dedup_key, input_order, input_line) of kept rows -> (order, line) of rows to drop.
+def find_duplicates(keys: Iterable[tuple[Any, ...]]) -> set[tuple[int, ...]]:
+    """(dedup_key, *position) of kept rows -> the positions of rows to drop. A position is
+    (input_order, input_line) or, for rows of a conversation source, (order, line, turn row).
 
     The first occurrence in input order is kept, whatever order the rows arrive in.
     """
-    first: dict[str, tuple[int, int]] = {}
-    drop: set[tuple[int, int]] = set()
-    for key, order, line in keys:
-        position = (order, line)
+    first: dict[str, tuple[int, ...]] = {}
+    drop: set[tuple[int, ...]] = set()
+    for key, *rest in keys:
+        position = tuple(rest)
         seen = first.get(key)
         if seen is None:
             first[key] = position

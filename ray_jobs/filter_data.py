@@ -10,6 +10,15 @@ Writes, under `out`:
     filtered/             valid rows a filter removed (Parquet), with `filter` and `reason`
     rejects/              unusable rows (JSON Lines): input_file, input_line, field, reason, raw
     stats.json            counts per file and in total: input rows = kept + filtered + rejected
+
+A conversation source (`input_format`: OpenAssistant trees or message tables, NeMo-Aligner AC-SFT
+or regression files; `auto` tells them from the first row) is read as one row per assistant turn:
+the conversation before it as a HelpSteer2 multi-turn prompt, the turn as the response, its own
+labels (OpenAssistant's quality, toxicity, humor, creativity as 0-4) as attribute columns, and
+`conversation_id`, `turn` (and `message_id`) as extra columns; every turn of a conversation goes to
+one split. There a row is a turn: a tree the reader rejects, or leaves out by an `oasst` option
+(`languages`, `tree_states`, `drop_deleted`, `min_label_count`), counts as one row, rejected
+(with the reader's field and reason) or filtered (under that option's name).
     config.yaml, attribute_schema.json
     .helpsteer-output.json  marks the folder as this stage's output: only such a folder is
                           replaced, and only once the new output is complete (helpsteer_core.outputs)
@@ -33,6 +42,15 @@ from ray.data.context import ShuffleStrategy
 
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.conversation_sources import KEPT as UNIT_KEPT
+from helpsteer_core.conversation_sources import (
+    RAW_PREVIEW,
+    InputFormat,
+    ReadOptions,
+    read_units,
+    source_format,
+    turn_rows,
+)
 from helpsteer_core.filters import (
     FILTER_NAMES,
     FILTERED,
@@ -44,6 +62,7 @@ from helpsteer_core.filters import (
     find_duplicates,
 )
 from helpsteer_core.model_sources import count_tokens, load_tokenizer
+from helpsteer_core.oasst import OasstOptions
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.readers import HF_PREFIX, Shard, iter_raw_rows, resolve_source
 from ray_jobs.runtime import ensure_ray, quiet_ray_data, stage_main
@@ -54,12 +73,17 @@ STAGE = "filter"  # the name in every output's marker file
 SCHEMA = STEERLM
 SPLITS = ("train", "validation")
 OUTPUT_FOLDERS = (*SPLITS, "filtered", "rejects")
+POSITION = ("input_order", "input_line", "input_turn")  # where a row came from, in input order
 
 
 class FilterSettings(StrictModel):
     """How to filter; the pipeline profile's `filter:` section."""
 
     hf_split: str = "train"  # which split of a Hugging Face dataset to read
+    # The source's format: auto (from its first row), helpsteer, or a conversation format read as
+    # one row per assistant turn (oasst-trees, oasst-messages, nemo-acsft, nemo-regression).
+    input_format: InputFormat = "auto"
+    oasst: OasstOptions = OasstOptions()  # which OpenAssistant trees and messages to read
     filters: FilterConfig = FilterConfig()
     split: SplitConfig = SplitConfig()
     batch_size: int = 1024  # rows per Ray Data batch for parsing and tokenizing
@@ -77,8 +101,24 @@ class FilterStageConfig(FilterSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-def _read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(iter_raw_rows(Shard(**item)))
+def _read_shard(item: dict[str, Any], fmt: str, oasst: OasstOptions) -> list[dict[str, Any]]:
+    """A shard's reader rows; a conversation source's units become one row per assistant turn,
+    or one row carrying the reader's verdict (`unit_status`) for a unit rejected or left out."""
+    raws = iter_raw_rows(Shard(**item))
+    if fmt == "helpsteer":
+        return list(raws)
+    rows: list[dict[str, Any]] = []
+    order = item["order"]
+    for unit in read_units(raws, fmt, ReadOptions(input_format=fmt, oasst=oasst)):  # type: ignore[arg-type]
+        where = {"input_file": unit.input_file, "input_line": unit.input_line, "input_order": order}
+        if unit.status != UNIT_KEPT:
+            verdict = {"unit_status": unit.status, "unit_field": unit.field, "unit_reason": unit.reason}
+            rows.append(where | verdict | {"input_turn": 0, "raw": unit.raw[:RAW_PREVIEW], "read_error": ""})
+            continue
+        for number, row in enumerate(turn_rows(unit)):
+            text = json.dumps(row, ensure_ascii=False)
+            rows.append(where | {"input_turn": number, "raw": text, "read_error": ""})
+    return rows
 
 
 def _assess(batch: pa.Table, filters: FilterConfig, split: SplitConfig) -> pa.Table:
@@ -95,7 +135,7 @@ def _mark_duplicates(batch: pa.Table, drop: set[tuple[int, int]]) -> pa.Table:
         return batch
     rows = batch.to_pylist()
     for row in rows:
-        if row["status"] == KEPT and (row["input_order"], row["input_line"]) in drop:
+        if row["status"] == KEPT and (row["input_order"], row["input_line"], row["input_turn"]) in drop:
             row.update(
                 status=FILTERED,
                 filter="duplicate",
@@ -114,7 +154,8 @@ def _output_rows(
         "response": batch.column("response"),
         **{name: batch.column(name) for name in attributes},
     }
-    extras = [json.loads(text) for text in batch.column("extra_json").to_pylist()]
+    # A conversation source's unit left out whole (a tree in another language) has no row fields.
+    extras = [json.loads(text) if text else {} for text in batch.column("extra_json").to_pylist()]
     for key in extra_keys:
         values = [e.get(key) for e in extras]
         try:
@@ -196,7 +237,9 @@ def _count(groups: list[dict[str, Any]]) -> dict[str, Any]:
         "train": kept.get("train", 0),
         "validation": kept.get("validation", 0),
         "filtered": sum(filtered.values()),
-        "filtered_by": {name: filtered.get(name, 0) for name in FILTER_NAMES},
+        # The filters', then any option of a conversation source's reader that left units out.
+        "filtered_by": {name: filtered.get(name, 0) for name in FILTER_NAMES}
+        | {name: count for name, count in sorted(filtered.items()) if name not in FILTER_NAMES},
         "rejected": sum(rejected.values()),
         "rejected_by_field": dict(sorted(rejected.items())),
     }
@@ -215,12 +258,11 @@ def compute_stats(groups: list[dict[str, Any]], shards: list[Shard]) -> dict[str
 
 def _later_copies(group: pa.Table) -> pa.Table:
     """The rows of one dedup_key group to drop: all but the first in input order."""
-    orders, lines = group.column("input_order").to_pylist(), group.column("input_line").to_pylist()
-    positions = zip(orders, lines, strict=True)
-    drop = sorted(find_duplicates((("k", o, n) for o, n in positions)))
+    positions = zip(*(group.column(c).to_pylist() for c in POSITION), strict=True)
+    drop = sorted(find_duplicates(("k", *p) for p in positions))
     return pa.table(
-        {"input_order": [o for o, _ in drop], "input_line": [n for _, n in drop]},
-        schema=pa.schema([("input_order", pa.int64()), ("input_line", pa.int64())]),
+        {c: [p[i] for p in drop] for i, c in enumerate(POSITION)},
+        schema=pa.schema([(c, pa.int64()) for c in POSITION]),
     )
 
 
@@ -233,7 +275,8 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     # Hub ids and hf: sources are not paths; a local path is made absolute for Ray's workers.
     source = str(local) if not config.data.startswith(HF_PREFIX) and local.exists() else config.data
     shards = resolve_source(source, config.hf_split)  # fails fast, naming the path
-    log.info("filter: %d shard(s) from %s -> %s", len(shards), source, out)
+    fmt = source_format(shards, config.input_format)
+    log.info("filter: %d shard(s) of %s from %s -> %s", len(shards), fmt, source, out)
     ensure_ray()
     quiet_ray_data()
     # The de-duplication's groupby as tasks (a sort shuffle): the default hash shuffle starts
@@ -242,7 +285,7 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     with stage_run("filter_data", config, config.tracking, SCHEMA, {"data": source}) as tracked:
         assessed = (
             ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
-            .flat_map(_read_shard)
+            .flat_map(_read_shard, fn_kwargs={"fmt": fmt, "oasst": config.oasst})
             .map_batches(
                 _assess,
                 fn_kwargs={"filters": config.filters, "split": config.split},
@@ -257,11 +300,11 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
             # only (two integers per duplicate), never a key per row.
             copies = (
                 assessed.filter(expr=f"status == '{KEPT}'")
-                .select_columns(["dedup_key", "input_order", "input_line"])
+                .select_columns(["dedup_key", *POSITION])
                 .groupby("dedup_key")
                 .map_groups(_later_copies, batch_format="pyarrow")
             )
-            drop = {(r["input_order"], r["input_line"]) for r in copies.iter_rows()}
+            drop = {tuple(r[c] for c in POSITION) for r in copies.iter_rows()}
         final = assessed.map_batches(
             _mark_duplicates, fn_kwargs={"drop": drop}, batch_format="pyarrow"
         ).materialize()
@@ -296,6 +339,7 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         stats.update(
             source=source,
+            input_format=fmt,
             attributes=attributes,
             extra_columns=extra_keys,
             attribute_schema=SCHEMA.to_dict(),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shared_data import shared_file
 
 from helpsteer_core.synthetic import write_synthetic
 from ray_jobs.filter_data import FilterStageConfig, run
@@ -270,3 +271,76 @@ def test_driver_holds_counts_not_rows(ray_head, tmp_path, monkeypatch):
     assert pulled.rows <= total["rejected"] + total["filtered_by"]["duplicate"] + groups_bound, (
         f"{pulled.rows} rows reached the driver for 1,200 input rows"
     )
+
+
+def _turn_rows_in_process(source: Path, **oasst: object) -> list[dict]:
+    """What the stage should keep: the reader's units, flattened here without Ray."""
+    from helpsteer_core.conversation_sources import ReadOptions, read_source, turn_rows
+
+    read = read_source(str(source), ReadOptions(oasst=oasst))  # type: ignore[arg-type]
+    return [row for unit in read.results if unit.status == "kept" for row in turn_rows(unit)]
+
+
+OASST_LABELS = ("quality", "toxicity", "humor", "creativity")
+
+
+def test_openassistant_trees_become_one_row_per_assistant_turn(ray_head, tmp_path):
+    from test_oasst import FIXTURE, hub_rows, write_hub_folder
+
+    from helpsteer_core.oasst import to_attribute_value
+
+    fixture = shared_file(FIXTURE)
+    trees = [json.loads(line) for line in fixture.read_text().splitlines() if line.strip()]
+    broken = json.loads(json.dumps(trees[0]))
+    broken["prompt"]["replies"][0]["role"] = "prompter"
+    source = tmp_path / "oasst.trees.jsonl"
+    source.write_text(fixture.read_text().rstrip("\n") + "\n" + json.dumps(broken) + "\n{oops\n")
+    out = tmp_path / "filtered"
+    settings = {"oasst": {"languages": ["en"]}, "split": {"validation_fraction": 0.3}}
+    stats = run(_config(source, out, tmp_path / "runs", **settings))
+
+    total = stats["total"]
+    assert stats["input_format"] == "oasst-trees" and total["reconciles"]
+    not_english = sum(1 for t in trees if t["prompt"]["lang"] != "en")
+    assert not_english >= 1 and total["filtered_by"]["languages"] == not_english
+    assert total["rejected"] == 2 and total["rejected_by_field"] == {"line": 1, "role": 1}
+    rejects = [json.loads(line) for line in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
+    role = next(r for r in rejects if r["field"] == "role")
+    assert role["input_line"] == len(trees) + 1 and "roles must alternate" in role["reason"]
+
+    expected = _turn_rows_in_process(fixture, languages=["en"])
+    train, validation = _rows(out / "train"), _rows(out / "validation")
+    kept = train + validation
+    assert len(expected) > len(trees) and total["kept"] == len(kept) == len(expected)
+    assert {(r["prompt"], r["response"]) for r in kept} == {(r["prompt"], r["response"]) for r in expected}
+    # Each row carries its own turn's labels, rounded as NeMo-Aligner rounds them.
+    labels = {
+        m["message_id"]: m.get("labels")
+        for t in trees
+        for m in _messages(t["prompt"])
+        if m["role"] == "assistant"
+    }
+    for row in kept:
+        for name in OASST_LABELS:
+            raw = (labels[row["message_id"]] or {}).get(name)
+            assert row[name] == (None if raw is None else to_attribute_value(raw["value"])), (row, name)
+    multi_turn = [r for r in kept if r["turn"] > 1]
+    assert multi_turn and all("<extra_id_1>Assistant\n" in r["prompt"] for r in multi_turn)
+    # A conversation's turns stay in one split; both splits have some.
+    assert train and validation
+    assert not {r["conversation_id"] for r in train} & {r["conversation_id"] for r in validation}
+
+    # The Hub's flat message table of the same trees gives the same rows.
+    folder = write_hub_folder(tmp_path / "oasst1", hub_rows(fixture))
+    flat_out = tmp_path / "filtered-flat"
+    flat = run(_config(f"hf:{folder}", flat_out, tmp_path / "runs", **settings))
+    assert flat["input_format"] == "oasst-messages" and flat["total"]["reconciles"]
+    flat_kept = _rows(flat_out / "train") + _rows(flat_out / "validation")
+    columns = ("prompt", "response", "conversation_id", "turn", "message_id", *OASST_LABELS)
+    assert sorted(tuple(str(r[c]) for c in columns) for r in flat_kept) == sorted(
+        tuple(str(r[c]) for c in columns) for r in kept
+    )
+
+
+def _messages(message: dict) -> list[dict]:
+    return [message, *(m for reply in message.get("replies", []) for m in _messages(reply))]
