@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import Field
+
 from helpsteer_core.attributes import STEERLM, AttributeValueError
 from helpsteer_core.config import StrictModel
 from helpsteer_core.conversation import DEFAULT_SYSTEM, Conversation, Turn, join_prompt_turns
@@ -57,6 +59,37 @@ class ReadOptions(StrictModel):
     # The system text of HelpSteer and OpenAssistant conversations (NeMo files carry their own).
     system: str = DEFAULT_SYSTEM
     hf_split: str = "train"  # which split of a Hugging Face dataset to read
+
+
+SOURCE_COLUMN = "data_source"  # the column that names a row's source when a run reads several
+
+
+class DataSource(StrictModel):
+    """One of a run's several sources (a pipeline's or the filter stage's `data:` list): where it
+    is, how to read it, and what the run does with its rows, which carry its `name` in
+    `data_source`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str  # a file, a folder, hf:ID or owner/name (helpsteer_core.readers)
+    input_format: InputFormat = "auto"
+    hf_split: str = "train"
+    oasst: OasstOptions = OasstOptions()  # OpenAssistant sources: which trees and messages
+    apm: bool = True  # its labelled rows train the APM (and its validation rows score it)
+    # AC-SFT on its rows: conditioned on its own labels (human), on the APM's after relabel (apm,
+    # or apm_quantile: ranked into five levels), or not trained on (none).
+    sft: Literal["human", "apm", "apm_quantile", "none"] = "none"
+    repeat: int = Field(1, ge=1)  # times each of its rows is an AC-SFT example an epoch (NeMo: 4)
+
+
+def check_source_names(sources: list[DataSource]) -> list[DataSource]:
+    """`sources` if their names are distinct and there is at least one, else a ValueError."""
+    names = [s.name for s in sources]
+    if not names:
+        raise ValueError("data: an empty list; name at least one source")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"data: source names {repeated} given more than once; each source needs its own")
+    return sources
 
 
 @dataclass(frozen=True)

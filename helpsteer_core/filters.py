@@ -147,6 +147,8 @@ def assess_rows(
             out.append(row)
             continue
         extra = dict(record.extra)
+        if "data_source" in raw:  # one of several sources: its name wins over a column of that name
+            extra["data_source"] = raw["data_source"]
         row.update(
             prompt=record.prompt,
             response=record.response,

@@ -32,12 +32,14 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from pydantic import field_validator
 from ray.data.context import ShuffleStrategy
 
 from helpsteer_core.attributes import STEERLM
@@ -45,8 +47,10 @@ from helpsteer_core.config import StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import KEPT as UNIT_KEPT
 from helpsteer_core.conversation_sources import (
     RAW_PREVIEW,
+    DataSource,
     InputFormat,
     ReadOptions,
+    check_source_names,
     read_units,
     source_format,
     turn_rows,
@@ -96,19 +100,65 @@ SPEED_ONLY = ("batch_size",)  # rows are parsed, checked and tokenized one at a 
 class FilterStageConfig(FilterSettings):
     """The filtering stage: what to read, where to write, and the settings."""
 
-    data: str  # a file, a folder, hf:ID or owner/name (see helpsteer_core.readers)
+    # A file, a folder, hf:ID or owner/name (helpsteer_core.readers), read with the settings above;
+    # or several sources, each with its own reader settings: rows carry their source's name in
+    # `data_source`, and stats.json counts per source.
+    data: str | list[DataSource]
     out: str  # output folder; replaced as a whole when the stage succeeds
     tracking: TrackingConfig = TrackingConfig()
 
+    @field_validator("data")
+    @classmethod
+    def _distinct_sources(cls, data: str | list[DataSource]) -> str | list[DataSource]:
+        return data if isinstance(data, str) else check_source_names(data)
 
-def _read_shard(item: dict[str, Any], fmt: str, oasst: OasstOptions) -> list[dict[str, Any]]:
-    """A shard's reader rows; a conversation source's units become one row per assistant turn,
-    or one row carrying the reader's verdict (`unit_status`) for a unit rejected or left out."""
-    raws = iter_raw_rows(Shard(**item))
+
+@dataclass(frozen=True)
+class _Source:
+    """One source as the stage reads it: its shards (numbered across sources), format, options."""
+
+    name: str | None  # None: a single `data` string (its rows get no data_source column)
+    location: str
+    input_format: str
+    oasst: OasstOptions
+    shards: list[Shard]
+
+
+def _resolve_sources(config: FilterStageConfig) -> list[_Source]:
+    """Every source's shards, numbered on across sources so that input order spans them all;
+    fails fast, naming the path, before any Ray work."""
+    if isinstance(config.data, str):
+        single = {"name": "_", "path": config.data, "input_format": config.input_format}
+        specs = [DataSource.model_validate(single | {"hf_split": config.hf_split, "oasst": config.oasst})]
+    else:
+        specs = list(config.data)
+    sources, order = [], 0
+    for spec in specs:
+        local = resolve_path(spec.path)
+        # Hub ids and hf: sources are not paths; a local path is made absolute for Ray's workers.
+        location = str(local) if not spec.path.startswith(HF_PREFIX) and local.exists() else spec.path
+        shards = [replace(s, order=order + s.order) for s in resolve_source(location, spec.hf_split)]
+        order += len(shards)
+        name = spec.name if not isinstance(config.data, str) else None
+        fmt = source_format(shards, spec.input_format)
+        sources.append(_Source(name, location, fmt, spec.oasst, shards))
+    return sources
+
+
+def _read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """A shard's reader rows, each with its source's name (`data_source`, several sources only);
+    a conversation source's units become one row per assistant turn, or one row carrying the
+    reader's verdict (`unit_status`) for a unit rejected or left out."""
+    named = {"data_source": item["source"]} if item["source"] is not None else {}
+    return [named | row for row in _shard_rows(Shard(**item["shard"]), item["format"], item["oasst"])]
+
+
+def _shard_rows(shard: Shard, fmt: str, oasst: OasstOptions) -> list[dict[str, Any]]:
+    raws = iter_raw_rows(shard)
     if fmt == "helpsteer":
         return list(raws)
     rows: list[dict[str, Any]] = []
-    order = item["order"]
+    order = shard.order
     for unit in read_units(raws, fmt, ReadOptions(input_format=fmt, oasst=oasst)):  # type: ignore[arg-type]
         where = {"input_file": unit.input_file, "input_line": unit.input_line, "input_order": order}
         if unit.status != UNIT_KEPT:
@@ -271,21 +321,39 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out = resolve_path(config.out)
     staging = prepare_output(out, STAGE)  # a folder this stage did not write is refused now
-    local = resolve_path(config.data)
-    # Hub ids and hf: sources are not paths; a local path is made absolute for Ray's workers.
-    source = str(local) if not config.data.startswith(HF_PREFIX) and local.exists() else config.data
-    shards = resolve_source(source, config.hf_split)  # fails fast, naming the path
-    fmt = source_format(shards, config.input_format)
-    log.info("filter: %d shard(s) of %s from %s -> %s", len(shards), fmt, source, out)
+    sources = _resolve_sources(config)  # fails fast, naming the path
+    shards = [shard for source in sources for shard in source.shards]
+    for source in sources:
+        named = f" ({source.name})" if source.name else ""
+        log.info(
+            "filter: %d shard(s) of %s from %s%s",
+            len(source.shards),
+            source.input_format,
+            source.location,
+            named,
+        )
+    log.info("filter: -> %s", out)
+    location = sources[0].location if isinstance(config.data, str) else [s.location for s in sources]
     ensure_ray()
     quiet_ray_data()
     # The de-duplication's groupby as tasks (a sort shuffle): the default hash shuffle starts
     # aggregator actors that can wait for CPUs the stage's own tasks hold on a small cluster.
     ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    with stage_run("filter_data", config, config.tracking, SCHEMA, {"data": source}) as tracked:
+    items = [
+        {"shard": shard.to_dict(), "source": s.name, "format": s.input_format, "oasst": s.oasst}
+        for s in sources
+        for shard in s.shards
+    ]
+    with stage_run(
+        "filter_data",
+        config,
+        config.tracking,
+        SCHEMA,
+        {"data": location if isinstance(location, str) else json.dumps(location)},
+    ) as tracked:
         assessed = (
-            ray.data.from_items([s.to_dict() for s in shards], override_num_blocks=len(shards))
-            .flat_map(_read_shard, fn_kwargs={"fmt": fmt, "oasst": config.oasst})
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .flat_map(_read_shard)
             .map_batches(
                 _assess,
                 fn_kwargs={"filters": config.filters, "split": config.split},
@@ -310,6 +378,11 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
         ).materialize()
         groups = aggregate_groups(final)
         stats = compute_stats(groups, shards)
+        if not isinstance(config.data, str):
+            stats["sources"] = {
+                s.name: _count([g for g in groups if g["input_file"] in {h.label for h in s.shards}])
+                for s in sources
+            }
         valid = [g for g in groups if g["status"] != REJECTED]
         attributes = [a for a in SCHEMA.names if any(g[_has(a)] for g in valid)]
         extra_keys = _merge_keys(sorted({g["extra_keys"] for g in valid}))
@@ -338,8 +411,10 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
 
         elapsed = time.perf_counter() - started
         stats.update(
-            source=source,
-            input_format=fmt,
+            source=location,
+            input_format=sources[0].input_format
+            if isinstance(config.data, str)
+            else {s.name: s.input_format for s in sources},
             attributes=attributes,
             extra_columns=extra_keys,
             attribute_schema=SCHEMA.to_dict(),

@@ -44,9 +44,14 @@ BAD_LINES = [
 ]
 
 
-def _config(data: Path | str, out: Path, runs: Path, **kw: object) -> FilterStageConfig:
+def _config(data: Path | str | list[dict], out: Path, runs: Path, **kw: object) -> FilterStageConfig:
     return FilterStageConfig.model_validate(
-        {"data": str(data), "out": str(out), "tracking": {"runs_dir": str(runs)}, **kw}
+        {
+            "data": data if isinstance(data, list) else str(data),
+            "out": str(out),
+            "tracking": {"runs_dir": str(runs)},
+            **kw,
+        }
     )
 
 
@@ -284,7 +289,9 @@ def _turn_rows_in_process(source: Path, **oasst: object) -> list[dict]:
 OASST_LABELS = ("quality", "toxicity", "humor", "creativity")
 
 
-def test_openassistant_trees_become_one_row_per_assistant_turn(ray_head, tmp_path):
+def test_openassistant_trees_become_one_row_per_assistant_turn_alone_or_beside_other_sources(
+    ray_head, tmp_path
+):
     from test_oasst import FIXTURE, hub_rows, write_hub_folder
 
     from helpsteer_core.oasst import to_attribute_value
@@ -340,6 +347,32 @@ def test_openassistant_trees_become_one_row_per_assistant_turn(ray_head, tmp_pat
     assert sorted(tuple(str(r[c]) for c in columns) for r in flat_kept) == sorted(
         tuple(str(r[c]) for c in columns) for r in kept
     )
+
+    # Several sources in one run: each read with its own options, rows named by their source,
+    # counted per source; the OpenAssistant rows are the ones it gives alone.
+    synthetic = tmp_path / "synth"
+    write_synthetic(synthetic, rows=120, seed=5, shard_rows=60)
+    both_out = tmp_path / "filtered-both"
+    sources = [
+        {"name": "synthetic", "path": str(synthetic)},
+        {"name": "oasst", "path": str(source), "oasst": {"languages": ["en"]}, "sft": "apm"},
+    ]
+    both = run(_config(sources, both_out, tmp_path / "runs", split={"validation_fraction": 0.3}))
+    assert both["input_format"] == {"synthetic": "helpsteer", "oasst": "oasst-trees"}
+    per_source = both["sources"]
+    assert per_source["synthetic"]["input_rows"] == 120 and per_source["synthetic"]["kept"] == 120
+    assert per_source["oasst"] == {k: v for k, v in total.items()}
+    assert both["total"]["kept"] == 120 + total["kept"] and both["total"]["reconciles"]
+    rows = _rows(both_out / "train") + _rows(both_out / "validation")
+    by_source = {name: [r for r in rows if r["data_source"] == name] for name in ("synthetic", "oasst")}
+    assert len(by_source["synthetic"]) == 120 and len(rows) == 120 + len(kept)
+    assert sorted((r["prompt"], r["response"]) for r in by_source["oasst"]) == sorted(
+        (r["prompt"], r["response"]) for r in kept
+    )
+    # Validation stays per source: each source has rows in it, named.
+    assert {r["data_source"] for r in _rows(both_out / "validation")} == {"synthetic", "oasst"}
+    with pytest.raises(ValueError, match="given more than once"):
+        FilterStageConfig.model_validate({"data": [sources[0], sources[0]], "out": "o"})
 
 
 def _messages(message: dict) -> list[dict]:
