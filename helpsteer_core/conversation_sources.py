@@ -81,6 +81,21 @@ class DataSource(StrictModel):
     repeat: int = Field(1, ge=1)  # times each of its rows is an AC-SFT example an epoch (NeMo: 4)
 
 
+def rows_of_sources(rows: list[dict[str, Any]], names: list[str] | None, where: str) -> list[dict[str, Any]]:
+    """The rows whose `data_source` is one of `names` (all rows when `names` is None). A named
+    source with no rows here is a ValueError naming the sources `where` holds."""
+    if names is None:
+        return rows
+    found = sorted({str(r.get(SOURCE_COLUMN)) for r in rows if r.get(SOURCE_COLUMN) is not None})
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(
+            f"{where}: no rows of source(s) {missing}; the sources there: {found or 'none named'}"
+        )
+    wanted = set(names)
+    return [r for r in rows if r.get(SOURCE_COLUMN) in wanted]
+
+
 def check_source_names(sources: list[DataSource]) -> list[DataSource]:
     """`sources` if their names are distinct and there is at least one, else a ValueError."""
     names = [s.name for s in sources]

@@ -12,7 +12,8 @@ per attribute the APM was trained on, `apm_<name>` (float) and `apm_<name>_int` 
 clipped to 0-4) are added, with `apm_model` and `apm_schema` for provenance. Human labels are
 never overwritten. A row with no usable prompt or response (missing, null, not a string, empty)
 is not predicted: it goes to `out/rejects/part-NNNNNN.jsonl` with its file, line, field and
-reason, and input rows = output rows + rejected rows. A re-run after an interruption skips the
+reason, and input rows = output rows + rejected rows (+ rows of other sources, left out and counted
+per source when `sources` names the ones to relabel). A re-run after an interruption skips the
 parts already written, so every input row ends up in exactly one output or reject row;
 `restart=true` (the pipeline's force) re-predicts every part into a staging folder and publishes it
 when complete.
@@ -27,6 +28,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from pydantic import Field
 from helpsteer_core.apm import AttributePredictionModel, load_trained_attributes, predict
 from helpsteer_core.attributes import STEERLM, load_and_check_schema
 from helpsteer_core.config import StrictModel, dump_config, resolve_path
+from helpsteer_core.conversation_sources import SOURCE_COLUMN
 from helpsteer_core.fingerprints import file_digest
 from helpsteer_core.metrics import round_clip
 from helpsteer_core.outputs import OutputError, mark_output, prepare_output, publish
@@ -62,6 +65,7 @@ log = logging.getLogger("helpsteer.relabel")
 SCHEMA = STEERLM
 MANIFEST = "relabel_manifest.json"
 REJECTS = "rejects"  # out/rejects/part-NNNNNN.jsonl: rows of that unit with no usable prompt or response
+OTHER_SOURCES = "other_sources"  # out/other_sources/part-NNNNNN.json: rows of that unit `sources` left out
 
 
 class RelabelSettings(StrictModel):
@@ -73,6 +77,10 @@ class RelabelSettings(StrictModel):
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
     hf_split: str = "train"
+    # Only rows of these sources (`data_source`, the filter stage's several-source runs): the
+    # sources AC-SFT conditions on the APM's labels for. Other rows are left out, counted per part
+    # (`other_sources/`); null relabels every row.
+    sources: list[str] | None = None
 
 
 # Settings that change only how fast relabelling runs: left out of cache keys. The pool's size and
@@ -96,7 +104,7 @@ class RelabelConfig(RelabelSettings):
 class Relabeler:
     """Ray Data callable class: one APM per actor; each call handles a batch of work units."""
 
-    def __init__(self, apm: str, out: str, max_tokens: int, threads: int) -> None:
+    def __init__(self, apm: str, out: str, max_tokens: int, threads: int, sources: list[str] | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -104,7 +112,7 @@ class Relabeler:
         self.model = AttributePredictionModel.from_pretrained(apm, SCHEMA)
         self.attributes = load_trained_attributes(apm, SCHEMA)
         self.model_id = _model_id(Path(apm))
-        self.out, self.max_tokens = Path(out), max_tokens
+        self.out, self.max_tokens, self.sources = Path(out), max_tokens, sources
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, seconds = [], []
@@ -112,6 +120,8 @@ class Relabeler:
             started = time.perf_counter()
             unit = Unit.from_dict(json.loads(text))
             table, rejects = checked_unit(unit)
+            if self.sources is not None:
+                table = self._of_sources(table, unit)
             pred = predict(
                 self.model,
                 self.model.tokenizer,
@@ -139,6 +149,26 @@ class Relabeler:
             "seconds": np.array(seconds),
             "peak_rss_mb": np.full(len(rows), peak_mb),
         }
+
+    def _of_sources(self, table: pa.Table, unit: Unit) -> pa.Table:
+        """The unit's rows of `sources`; how many of each other source it held, written beside
+        the part (before it: a part on disk means its unit is done)."""
+        if SOURCE_COLUMN not in table.column_names:
+            raise SourceError(
+                f"{unit.shard.label}: relabel.sources is set but the rows have no {SOURCE_COLUMN!r} "
+                "column (the filter stage writes it when `data` lists several sources)"
+            )
+        names = table.column(SOURCE_COLUMN).to_pylist()
+        wanted = [name in set(self.sources or ()) for name in names]
+        left_out = Counter(str(name) for name, keep in zip(names, wanted, strict=True) if not keep)
+        path = self.out / OTHER_SOURCES / part_name(unit.index).replace(".parquet", ".json")
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"rows": sum(left_out.values()), "sources": dict(sorted(left_out.items()))})
+        )
+        os.replace(tmp, path)
+        return table.filter(pa.array(wanted, pa.bool_()))
 
     def _with_predictions(self, table: pa.Table, pred: np.ndarray) -> pa.Table:
         rounded = round_clip(pred, SCHEMA)
@@ -233,6 +263,8 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         "units": [u.to_dict() for u in units],
         "schema": SCHEMA.id,
     }
+    if config.sources is not None:  # a run over other sources is other work, never continued
+        manifest["sources"] = config.sources
     final, out = out, prepare_output(out, "relabel") if config.restart else out
     _check_manifest(out, manifest)
     pending = [u for u in units if not (out / part_name(u.index)).is_file()]
@@ -260,6 +292,7 @@ def run(config: RelabelConfig) -> dict[str, Any]:
                     "out": str(out),
                     "max_tokens": config.max_tokens,
                     "threads": config.cpus_per_actor,
+                    "sources": config.sources,
                 },
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=config.actors),
@@ -274,6 +307,9 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         rejected_rows = sum(
             len(p.read_text().splitlines()) for p in sorted((out / REJECTS).glob("part-*.jsonl"))
         )
+        left_out: Counter[str] = Counter()
+        for path in sorted((out / OTHER_SOURCES).glob("part-*.json")):
+            left_out.update(json.loads(path.read_text())["sources"])
         elapsed = time.perf_counter() - started
         work_seconds = sum(r["seconds"] for r in done)
         relabelled = sum(int(r["rows"]) for r in done)
@@ -281,7 +317,9 @@ def run(config: RelabelConfig) -> dict[str, Any]:
             "input_rows": input_rows,
             "output_rows": output_rows,
             "rejected_rows": rejected_rows,  # no usable prompt or response; reasons in rejects/
-            "reconciles": input_rows == output_rows + rejected_rows,
+            "other_source_rows": sum(left_out.values()),  # left out by `sources`, per source below
+            "other_sources": dict(sorted(left_out.items())),
+            "reconciles": input_rows == output_rows + rejected_rows + sum(left_out.values()),
             "units": len(units),
             "units_skipped_as_done": len(units) - len(pending),
             "rows_relabelled_now": relabelled,
@@ -300,8 +338,8 @@ def run(config: RelabelConfig) -> dict[str, Any]:
         tracked.log_outputs({"stats.json": out / "stats.json", "out": out})
     if not stats["reconciles"]:
         raise RuntimeError(
-            f"relabel: {input_rows} input rows but {output_rows} output and {rejected_rows} rejected "
-            f"rows in {out}"
+            f"relabel: {input_rows} input rows but {output_rows} output, {rejected_rows} rejected and "
+            f"{sum(left_out.values())} other-source rows in {out}"
         )
     if rejected_rows:
         log.warning("relabel: %d rows rejected, with reasons, in %s", rejected_rows, out / REJECTS)

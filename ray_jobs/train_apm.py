@@ -51,6 +51,7 @@ from helpsteer_core.apm import (
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
+from helpsteer_core.conversation_sources import SOURCE_COLUMN, rows_of_sources
 from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
 from helpsteer_core.metrics import attribute_metrics, label_means, plot_predictions
 from helpsteer_core.model_sources import resolve_model_path
@@ -108,6 +109,9 @@ class TrainAPMSettings(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint
     seed: int = 0
+    # Rows of these sources (`data_source`, the filter stage's several-source runs) train and score
+    # the APM; null: every row.
+    sources: list[str] | None = None
     # DeepSpeed ZeRO instead of DDP (the SFT stage's settings; needed for a 13B decoder backbone).
     deepspeed: DeepSpeedSettings | None = None
 
@@ -126,6 +130,17 @@ class TrainAPMConfig(TrainAPMSettings):
     restart: bool = False  # start at step 1; this identity's old run is moved aside (kept), not resumed
     storage: str = "runs/ray_train"  # Ray Train storage path (shared storage on a cluster)
     tracking: TrackingConfig = TrackingConfig()
+
+
+SPLITS = ("train", "validation")
+
+
+def _split_rows(data: Path, split: str, sources: list[str] | None) -> list[dict[str, Any]]:
+    """One split of the filter stage's output, only the rows of `sources` when named."""
+    try:
+        return rows_of_sources(read_parquet_rows(data / split), sources, f"apm.sources, {data / split}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def run_identity(config: TrainAPMConfig) -> dict[str, Any]:
@@ -278,8 +293,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)
-    data = Path(config.data)
-    train_rows, val_rows = read_parquet_rows(data / "train"), read_parquet_rows(data / "validation")
+    train_rows, val_rows = (_split_rows(Path(config.data), split, config.sources) for split in SPLITS)
 
     tokenizer = load_apm_tokenizer(config.apm.backbone)
     ids = encode_pairs(
@@ -368,34 +382,58 @@ def evaluate_apm(
     name: Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
     """Agreement of the APM in `model_dir` with the human labels of `data` (a Parquet folder).
 
     Writes `out/metrics.json` and `out/predictions.png`. The baseline predicts the mean label of
     `train_data` (the training split; defaults to `data` itself). `name`: the folder the model is
-    published to, when it is evaluated in its staging folder. The stage runs this in a Ray task
-    with its workers' resources (`run_as_task`), on a GPU in bf16 when it trains on GPUs.
+    published to, when it is evaluated in its staging folder. Rows of several sources (a
+    `data_source` column) are also scored per source, each against its own training rows' mean
+    (`sources` in metrics.json); `sources` keeps only the rows of those. The stage runs this in a
+    Ray task with its workers' resources (`run_as_task`), on a GPU in bf16 when it trains on GPUs.
     """
-    rows = read_parquet_rows(data)
-    train_rows = read_parquet_rows(train_data) if train_data is not None else rows
+    rows = _split_rows(data, "", sources)
+    train_rows = _split_rows(train_data, "", sources) if train_data is not None else rows
     model = AttributePredictionModel.from_pretrained(model_dir, SCHEMA, dtype=getattr(torch, dtype))
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     pred = predict(model, model.tokenizer, prompts, responses, device=device)
-    human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
-    train_human, train_mask = (t.numpy() for t in targets_from_rows(train_rows, SCHEMA))
-    metrics = attribute_metrics(pred, human, mask, label_means(train_human, train_mask), SCHEMA)
+    metrics = _agreement(pred, rows, train_rows)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": len(rows), "data": str(data), "model": str(name or model_dir), "attributes": metrics}
+    report: dict[str, Any] = {"rows": len(rows), "data": str(data), "model": str(name or model_dir)}
+    report["attributes"] = metrics
+    named = sorted({str(r[SOURCE_COLUMN]) for r in rows if r.get(SOURCE_COLUMN) is not None})
+    if named:
+        report["sources"] = {}
+        for source in named:
+            picked = [i for i, r in enumerate(rows) if r.get(SOURCE_COLUMN) == source]
+            own = [r for r in train_rows if r.get(SOURCE_COLUMN) == source] or train_rows
+            report["sources"][source] = {
+                "rows": len(picked),
+                "attributes": _agreement(pred[picked], [rows[i] for i in picked], own),
+            }
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
     plot_predictions(pred, human, mask, SCHEMA, out / "predictions.png")
     return report
+
+
+def _agreement(
+    pred: np.ndarray, rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per-attribute agreement of predictions with the rows' labels; baseline: train rows' means."""
+    human, mask = (t.numpy() for t in targets_from_rows(rows, SCHEMA))
+    train_human, train_mask = (t.numpy() for t in targets_from_rows(train_rows, SCHEMA))
+    return attribute_metrics(pred, human, mask, label_means(train_human, train_mask), SCHEMA)
 
 
 def run(config: TrainAPMConfig) -> dict[str, Any]:
     data, out = resolve_path(config.data), resolve_path(config.out)
     staging = prepare_output(out, "train_apm")  # a folder this stage did not write is refused now
-    for split in ("train", "validation"):
+    for split in SPLITS:
         parquet_files(data / split, "the filter stage")  # fail before Ray starts if the data is missing
+        if config.sources is not None:
+            _split_rows(data, split, config.sources)  # a source named but absent: fail before Ray starts
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     resolved = resolved.model_copy(
@@ -422,7 +460,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
                     folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE)
                 )
         (staging / "train_config.yaml").write_text(dump_config(resolved))
-        train_rows = read_parquet_rows(data / "train")  # read once: trained attributes and the baseline
+        train_rows = _split_rows(data, "train", config.sources)  # the attributes it was trained on
         train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
         save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
         report = run_as_task(
@@ -432,6 +470,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
             staging / "evaluation",
             data / "train",
             name=out,  # the published folder: the staging path is gone once published
+            sources=config.sources,
             num_cpus=config.cpus_per_worker,
             num_gpus=1 if config.use_gpu else 0,
             pass_device=True,

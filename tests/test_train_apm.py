@@ -248,3 +248,110 @@ def test_the_apm_learns_the_planted_signal_on_the_ray_path(
     assert {"complexity"} <= set(learnt), {
         a: (m["pearson"], m["rmse"], m["baseline_rmse"]) for a, m in metrics.items()
     }
+
+
+def test_helpsteer_and_openassistant_train_one_apm_reported_per_source(
+    ray_head, tiny_backbone, helpsteer2_sample, tmp_path
+):
+    """The paper's APM data: HelpSteer rows and OpenAssistant turns in one filter run, one APM
+    trained on both with the masked loss, its agreement reported per source and attribute."""
+    from shared_data import shared_file
+
+    from helpsteer_core.apm import load_trained_attributes
+    from helpsteer_core.config import ConfigError
+    from helpsteer_core.oasst import OASST_ATTRIBUTES
+    from ray_jobs.filter_data import FilterStageConfig
+    from ray_jobs.filter_data import run as run_filter
+
+    tracking = {"runs_dir": str(tmp_path / "runs")}
+    sources = [
+        {"name": "helpsteer", "path": str(helpsteer2_sample)},
+        {"name": "oasst", "path": str(shared_file("oasst/fixture_a.trees.jsonl"))},
+    ]
+    run_filter(
+        FilterStageConfig.model_validate(
+            {
+                "data": sources,
+                "out": str(tmp_path / "filtered"),
+                "split": {"validation_fraction": 0.3},
+                "tracking": tracking,
+            }
+        )
+    )
+    values = {
+        "data": str(tmp_path / "filtered"),
+        "out": str(tmp_path / "apm"),
+        "apm": {"backbone": str(tiny_backbone)},
+        "num_workers": 1,
+        "batch_size": 4,
+        "max_steps": 4,
+        "eval_every": 2,
+        "checkpoint_every": 4,
+        "run_name": "paper",
+        "storage": str(tmp_path / "ray_train"),
+        "tracking": tracking,
+    }
+    report = run(TrainAPMConfig.model_validate(values))
+    assert load_trained_attributes(tmp_path / "apm", STEERLM) == list(STEERLM.names)  # all nine
+    per_source = report["sources"]
+    assert set(per_source) == {"helpsteer", "oasst"}
+    assert set(per_source["helpsteer"]["attributes"]) == set(HELPSTEER_ATTRIBUTES)
+    assert (
+        set(per_source["oasst"]["attributes"]) <= set(OASST_ATTRIBUTES) and per_source["oasst"]["attributes"]
+    )
+    assert per_source["helpsteer"]["rows"] + per_source["oasst"]["rows"] == report["rows"]
+    for source in per_source.values():
+        assert all(m["n"] <= source["rows"] for m in source["attributes"].values())
+    written = json.loads((tmp_path / "apm" / "evaluation" / "metrics.json").read_text())
+    assert written["sources"] == json.loads(json.dumps(per_source))
+
+    # `sources` picks what trains it: OpenAssistant alone learns only its four attributes.
+    alone = run(
+        TrainAPMConfig.model_validate(
+            values | {"sources": ["oasst"], "out": str(tmp_path / "apm-oasst"), "run_name": "oasst"}
+        )
+    )
+    assert load_trained_attributes(tmp_path / "apm-oasst", STEERLM) == list(OASST_ATTRIBUTES)
+    assert set(alone["sources"]) == {"oasst"} and alone["rows"] == per_source["oasst"]["rows"]
+    with pytest.raises(ConfigError, match=r"no rows of source\(s\) \['hs2'\].*helpsteer"):
+        run(TrainAPMConfig.model_validate(values | {"sources": ["hs2"], "out": str(tmp_path / "x")}))
+
+    # Relabel the OpenAssistant turns only (the source AC-SFT will condition on the APM for):
+    # every assistant turn gets the nine predictions beside its own labels; the HelpSteer rows
+    # are left out and counted.
+    import pyarrow.parquet as pq
+
+    from ray_jobs.relabel import RelabelConfig
+    from ray_jobs.relabel import run as run_relabel
+
+    train = [
+        r
+        for f in sorted((tmp_path / "filtered" / "train").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    stats = run_relabel(
+        RelabelConfig.model_validate(
+            {
+                "apm": str(tmp_path / "apm"),
+                "data": str(tmp_path / "filtered" / "train"),
+                "out": str(tmp_path / "relabelled"),
+                "sources": ["oasst"],
+                "tracking": tracking,
+            }
+        )
+    )
+    oasst_rows = [r for r in train if r["data_source"] == "oasst"]
+    assert stats["reconciles"] and stats["output_rows"] == len(oasst_rows)
+    assert stats["other_sources"] == {"helpsteer": len(train) - len(oasst_rows)}
+    relabelled = [
+        r
+        for f in sorted((tmp_path / "relabelled").glob("part-*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    assert sorted((r["message_id"], r["turn"]) for r in relabelled) == sorted(
+        (r["message_id"], r["turn"]) for r in oasst_rows
+    )
+    before = {r["message_id"]: r for r in oasst_rows}
+    for row in relabelled:
+        assert all(row[f"apm_{name}_int"] is not None for name in STEERLM.names)
+        assert all(row[name] == before[row["message_id"]][name] for name in OASST_ATTRIBUTES)
