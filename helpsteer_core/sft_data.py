@@ -630,9 +630,9 @@ def examples_from_rows(
     tokenizer: Any,
     config: SFTDataConfig,
     schema: AttributeSchema = STEERLM,
-    attribute_source: AttributeSource = "prefer_human",
+    attribute_source: AttributeSource | Sequence[AttributeSource] = "prefer_human",
     stats: SFTStats | None = None,
-    levels: Sequence[Mapping[str, int]] | None = None,
+    levels: Sequence[Mapping[str, int] | None] | None = None,
     fixed: Mapping[str, int] | None = None,
 ) -> list[dict[str, list[int]]]:
     """SFT examples for filter / relabel output rows (`prompt`, `response`, attribute columns).
@@ -643,17 +643,22 @@ def examples_from_rows(
     A row with no attribute value from that source is an error naming the row, not an
     unconditioned example: it means the wrong source or unrelabelled data. `fixed` values replace
     the source's for their attributes in every row (checked against the schema by the caller).
-    `levels`: for apm_quantile, each row's levels (`apm_levels` of these rows).
+    `attribute_source` is one for every row, or one per row (rows of several sources, each
+    with its own). `levels`: for apm_quantile rows, each row's levels (`apm_levels`).
     """
     if levels is not None and len(levels) != len(rows):
         raise ValueError(f"levels for {len(levels)} rows, but {len(rows)} rows")
+    sources = [attribute_source] * len(rows) if isinstance(attribute_source, str) else list(attribute_source)
+    if len(sources) != len(rows):
+        raise ValueError(f"attribute sources for {len(sources)} rows, but {len(rows)} rows")
     examples = []
     for index, row in enumerate(rows):
         row_levels = None if levels is None else levels[index]
-        attributes = choose_attributes(row, schema, attribute_source, row_levels) | dict(fixed or {})
+        source = sources[index]
+        attributes = choose_attributes(row, schema, source, row_levels) | dict(fixed or {})
         if not attributes:
             raise SourceError(
-                f"row {index}: no attribute values from source {attribute_source!r} (columns "
+                f"row {index}: no attribute values from source {source!r} (columns "
                 f"{', '.join(schema.names[:2])}, ... or apm_<name>_int); "
                 "relabel the data or pick another source"
             )
@@ -686,7 +691,7 @@ def row_repeats(
     takes 0 rows (the caller says so: generated data may lack a style)."""
     counts = [1] * len(rows)
     taken = [0] * len(rules)
-    columns = sorted(rows[0]) if rows else []
+    columns = sorted(set().union(*rows))  # rows of several folders may differ in their columns
     where = f" in {source}" if source else ""
     for number, rule in enumerate(rules):
         for column in rule.where:

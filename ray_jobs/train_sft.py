@@ -52,6 +52,7 @@ from pydantic import Field
 from helpsteer_core.attributes import STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
+from helpsteer_core.conversation_sources import SOURCE_COLUMN
 from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
 from helpsteer_core.generator import (
     SMOLLM2,
@@ -127,7 +128,9 @@ class TrainSFTSettings(StrictModel):
     # prefer_human: human labels, else the APM's rounded ones (relabel output); apm: the APM's only;
     # apm_quantile: the APM's predictions ranked into equal-count levels over the training rows
     # (for data the APM was not trained on; the cut points are saved as attribute_levels.json).
-    attribute_source: AttributeSource = "prefer_human"
+    # Rows of several sources (`data_source`, the filter stage's several-source runs) can each take
+    # their own: {helpsteer: human, oasst: apm}; a row of a source the mapping lacks is an error.
+    attribute_source: AttributeSource | dict[str, AttributeSource] = "prefer_human"
     # Attributes every training row is conditioned on at one value, whatever the source says: for
     # attributes whose labels carry no signal on this data (an APM trained on synthetic text
     # scoring real answers' helpfulness), e.g. {helpfulness: 4, correctness: 4, coherence: 4}.
@@ -186,13 +189,46 @@ class TrainSFTSettings(StrictModel):
         unknown = [name for name in self.answer_level if name not in SCHEMA.names]
         if unknown:
             raise ConfigError(f"answer_level: {unknown}; allowed: {', '.join(SCHEMA.names)}")
+        if self.attribute_source == {}:
+            raise ConfigError(
+                "attribute_source: an empty mapping; name a source per data_source, or one for all"
+            )
+
+
+Folders = str | list[str]  # one Parquet folder, or several whose rows are read one after another
+
+
+def folders(data: Folders | Path) -> list[str]:
+    return [str(data)] if isinstance(data, str | Path) else list(data)
+
+
+def read_rows(data: Folders | Path) -> list[dict[str, Any]]:
+    """Every row of the folder(s), in the order listed."""
+    return [row for folder in folders(data) for row in read_parquet_rows(Path(folder))]
+
+
+def row_sources(settings: TrainSFTSettings, rows: Sequence[Mapping[str, Any]]) -> list[AttributeSource]:
+    """The attribute source of each row: the one for all, or its `data_source`'s in the mapping."""
+    chosen = settings.attribute_source
+    if isinstance(chosen, str):
+        return [chosen] * len(rows)
+    sources = []
+    for index, row in enumerate(rows):
+        name = row.get(SOURCE_COLUMN)
+        if name not in chosen:
+            raise ConfigError(
+                f"sft.attribute_source: row {index} is of source {name!r}, which the mapping does not name; "
+                f"it names {sorted(chosen)} (a row without {SOURCE_COLUMN!r} needs one source for all)"
+            )
+        sources.append(chosen[name])
+    return sources
 
 
 class TrainSFTConfig(TrainSFTSettings):
     """The AC-SFT stage."""
 
-    data: str  # Parquet folder of training rows (relabel output or a filter split)
-    validation: str | None = None  # Parquet folder for the validation loss (e.g. runs/filtered/validation)
+    data: Folders  # Parquet folder(s) of training rows (relabel output, a filter split)
+    validation: Folders | None = None  # for the validation loss (e.g. runs/filtered/validation)
     out: str  # the fine-tuned generator (Hugging Face folder); replaced when the stage succeeds
     # Ray Train runs go to storage/<run_name>-<identity hash>: the same config resumes its own run.
     run_name: str = "sft"
@@ -218,40 +254,53 @@ def run_identity(config: TrainSFTConfig) -> dict[str, Any]:
     return {
         "stage": "train_sft",
         "settings": settings,
-        "data": folder_digest(config.data, "*.parquet"),
+        "data": folder_digest(config.data, "*.parquet")
+        if isinstance(config.data, str)
+        else [folder_digest(folder, "*.parquet") for folder in config.data],
         # By content: a packaged generator's converted folder (`prepare_generator` made it already).
         "generator": model_fingerprint(resolve_generator(config.generator)),
     }
 
 
-def examples_fingerprint(settings: TrainSFTSettings, data: Path) -> str:
+def examples_fingerprint(settings: TrainSFTSettings, data: Folders | Path) -> str:
     """sha256 of what AC-SFT's examples are built from: each row's prompt, response and the
     attributes chosen for it (source, quantile levels, fixed values). Columns it does not read (the
-    APM's predictions under prefer_human when every row has human labels) do not count."""
-    rows = read_parquet_rows(data)
-    levels = row_levels(settings, rows)
+    APM's predictions under prefer_human when every row has human labels, or for the rows of a
+    source conditioned on its human labels) do not count."""
+    rows = read_rows(data)
+    sources, levels = row_sources(settings, rows), row_levels(settings, rows)
     digest = hashlib.sha256()
     for index, row in enumerate(rows):
         own = None if levels is None else levels[index]
-        chosen = choose_attributes(row, SCHEMA, settings.attribute_source, own) | settings.fixed_attributes
+        chosen = choose_attributes(row, SCHEMA, sources[index], own) | settings.fixed_attributes
         digest.update(json.dumps([row["prompt"], row["response"], chosen], default=str).encode() + b"\n")
     return digest.hexdigest()
 
 
-def row_levels(settings: TrainSFTSettings, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, int]] | None:
-    """Each row's apm_quantile levels (`apm_levels` at the settings' scope; None for other sources)."""
-    if settings.attribute_source != "apm_quantile":
+def row_levels(
+    settings: TrainSFTSettings, rows: Sequence[Mapping[str, Any]]
+) -> list[dict[str, int] | None] | None:
+    """Each apm_quantile row's levels (`apm_levels` at the settings' scope, ranked among the
+    apm_quantile rows only); None for other rows, and None when no row is apm_quantile."""
+    ranked = [i for i, source in enumerate(row_sources(settings, rows)) if source == "apm_quantile"]
+    if not ranked:
         return None
-    return apm_levels(rows, SCHEMA, settings.quantile_scope, settings.answer_level)
+    found = apm_levels([rows[i] for i in ranked], SCHEMA, settings.quantile_scope, settings.answer_level)
+    levels: list[dict[str, int] | None] = [None] * len(rows)
+    for index, own in zip(ranked, found, strict=True):
+        levels[index] = own
+    return levels
 
 
 def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
-    """How apm_quantile leveled the training rows (None for other sources): scope, answer-level
-    attributes, the cut points over every row (scope all) and the rows at each level."""
-    if config.attribute_source != "apm_quantile":
+    """How apm_quantile leveled the training rows (None when no row is): scope, answer-level
+    attributes, the cut points over every such row (scope all) and the rows at each level."""
+    rows = read_rows(config.data)
+    found = row_levels(config, rows)
+    if found is None:
         return None
-    rows = read_parquet_rows(Path(config.data))
-    levels = row_levels(config, rows) or []
+    ranked = [rows[i] for i, own in enumerate(found) if own is not None]
+    levels = [own for own in found if own is not None]
     counts = {
         name: [sum(own.get(name) == k for own in levels) for k in range(SCHEMA.low, SCHEMA.high + 1)]
         for name in SCHEMA.names
@@ -260,29 +309,33 @@ def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
     return {
         "scope": config.quantile_scope,
         "answer_level": config.answer_level,
-        "cuts": quantile_levels(rows, SCHEMA) if config.quantile_scope == "all" else None,
+        "cuts": quantile_levels(ranked, SCHEMA) if config.quantile_scope == "all" else None,
         "rows_per_level": counts,
     }
 
 
 def build_examples(
-    config: TrainSFTConfig, tokenizer: Any, folder: str, stats: SFTStats | None = None, training: bool = True
+    config: TrainSFTConfig,
+    tokenizer: Any,
+    folder: Folders,
+    stats: SFTStats | None = None,
+    training: bool = True,
 ) -> list[dict[str, list[int]]]:
     """The token ids and labels of every row in `folder` (packed when `examples.pack` is set); in
     training data, a row `config.repeat` names appears that many times (validation: once)."""
-    rows = read_parquet_rows(Path(folder))
+    rows = read_rows(folder)
     examples = examples_from_rows(
         rows,
         tokenizer,
         config.examples,
         SCHEMA,
-        config.attribute_source,
+        row_sources(config, rows),
         stats,
         row_levels(config, rows),
         config.fixed_attributes,
     )
     if training and config.repeat:
-        counts, taken = row_repeats(rows, config.repeat, folder)
+        counts, taken = row_repeats(rows, config.repeat, ", ".join(folders(folder)))
         for number, (rule, matched) in enumerate(zip(config.repeat, taken, strict=True)):
             if matched == 0:
                 seen = column_values(rows, list(rule.where))
@@ -552,14 +605,21 @@ def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Pa
     (folder / "sft_config.yaml").write_text(dump_config(config) + yaml.safe_dump({"exported": exported}))
 
 
+def _resolved(data: Folders) -> Folders:
+    """Absolute folder(s), in the shape given (one stays a string: identities stay as they were)."""
+    return str(resolve_path(data)) if isinstance(data, str) else [str(resolve_path(f)) for f in data]
+
+
 def run(config: TrainSFTConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    data, out, storage = resolve_path(config.data), resolve_path(config.out), resolve_path(config.storage)
+    data = _resolved(config.data)
+    out, storage = resolve_path(config.out), resolve_path(config.storage)
     staging = prepare_output(out, "train_sft")  # a folder this stage did not write is refused now
-    validation = resolve_path(config.validation) if config.validation else None
-    parquet_files(data, "the relabel or filter stage")  # fail before Ray starts if the data is missing
-    if validation is not None:
-        parquet_files(validation, "the filter stage")
+    validation = _resolved(config.validation) if config.validation else None
+    for folder in folders(data):  # fail before Ray starts if the data is missing
+        parquet_files(Path(folder), "the relabel or filter stage")
+    for folder in folders(validation or []):
+        parquet_files(Path(folder), "the filter stage")
     ensure_ray()
     # The driver reads the generator's tokenizer and config, never its weights: a packaged one is
     # converted by a task on this node first. The workers resolve the name on their own nodes.
@@ -568,8 +628,8 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
         check_generator_targets(resolve_generator(config.generator), config.lora)  # names the layers
     resolved = config.model_copy(
         update={
-            "data": str(data),
-            "validation": str(validation) if validation else None,
+            "data": data,
+            "validation": validation,
             "out": str(out),
             "storage": str(storage),
         }
@@ -582,7 +642,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     levels = attribute_levels(resolved)
     if levels is not None:
         log.info("sft: APM predictions -> levels 0-4 by quantile %s", json.dumps(levels))
-    examples = build_examples(resolved, tokenizer, str(data), stats)
+    examples = build_examples(resolved, tokenizer, data, stats)
     width, per_epoch, total = plan(resolved, [len(e["input_ids"]) for e in examples])
     log.info(
         "sft: %d rows -> %d examples (%d prompt-trimmed, %d response-cut); %d rows/step x %d steps",

@@ -479,3 +479,56 @@ def test_repeated_rows_are_trained_that_many_times_an_epoch_and_validated_once(t
     )
     # An epoch counts the repeats: 32 rows of 2 (micro 1 x accumulation 2 x 1 worker) are 16 steps.
     assert plan(config, [len(e["input_ids"]) for e in repeated])[1:] == (16, 16)
+
+
+def test_each_source_takes_its_own_attribute_source_so_a_new_apm_changes_only_the_relabelled_one(
+    tmp_path, tiny_generator
+):
+    """Several sources in one AC-SFT run: HelpSteer rows conditioned on their human labels,
+    OpenAssistant turns on the APM's. A new APM's predictions change the examples (and the
+    pipeline's key) of the relabelled source and leave the human-labelled source's as they were."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES
+    from helpsteer_core.config import ConfigError
+    from helpsteer_core.generator import load_generator_tokenizer
+    from ray_jobs.train_sft import examples_fingerprint
+
+    def write(folder: Path, source: str, apm_value: int) -> str:
+        rows = [
+            {"prompt": f"{source} question {i}?", "response": f"{source} answer {i}.", "data_source": source}
+            | ({name: 1 for name in HELPSTEER_ATTRIBUTES} if source == "helpsteer" else {"quality": 3})
+            | {f"apm_{name}_int": apm_value for name in STEERLM.names}
+            for i in range(4)
+        ]
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), folder / "part-000000.parquet")
+        return str(folder)
+
+    mapping = {"helpsteer": "human", "oasst": "apm"}
+    config = _config(tmp_path, tiny_generator, tmp_path, attribute_source=mapping)
+    tokenizer = load_generator_tokenizer(str(tiny_generator))
+
+    def examples(apm_value: int, helpsteer_apm_value: int) -> tuple[list, str]:
+        data = [
+            write(tmp_path / f"oasst-{apm_value}", "oasst", apm_value),
+            write(tmp_path / f"hs-{helpsteer_apm_value}", "helpsteer", helpsteer_apm_value),
+        ]
+        built = build_examples(config.model_copy(update={"data": data}), tokenizer, data)
+        return built, examples_fingerprint(config, data)
+
+    first, key = examples(apm_value=2, helpsteer_apm_value=2)
+    second, new_key = examples(apm_value=4, helpsteer_apm_value=4)  # another APM's predictions
+    assert len(first) == len(second) == 8
+    assert first[4:] == second[4:]  # HelpSteer rows: human labels, whatever the APM says
+    assert all(a != b for a, b in zip(first[:4], second[:4], strict=True))  # OpenAssistant: the APM's
+    assert new_key != key
+    texts = [tokenizer.decode(e["input_ids"]) for e in first]
+    assert all("helpfulness:1" in t for t in texts[4:]) and all("quality:2" in t for t in texts[:4])
+    # The APM changing only where SFT does not read it (the human-labelled source) changes nothing.
+    assert examples(apm_value=2, helpsteer_apm_value=4)[1] == key
+
+    stray = write(tmp_path / "other", "judged", 2)
+    with pytest.raises(ConfigError, match=r"source 'judged'.*names \['helpsteer', 'oasst'\]"):
+        build_examples(config, tokenizer, [stray])
