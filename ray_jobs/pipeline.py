@@ -44,6 +44,7 @@ from rich.table import Table
 
 from helpsteer_core.compare import write_comparison
 from helpsteer_core.config import ConfigError, StrictModel, merge_sections, resolve_path, validate_config
+from helpsteer_core.conversation_sources import SOURCE_COLUMN, DataSource, check_source_names
 from helpsteer_core.fingerprints import (
     code_version,
     model_fingerprint,
@@ -53,6 +54,7 @@ from helpsteer_core.fingerprints import (
 )
 from helpsteer_core.outputs import TRAINING_SPEED_ONLY
 from helpsteer_core.prompt_files import read_prompt_file
+from helpsteer_core.sft_data import RowRepeat
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
 from ray_jobs import bootstrap as bootstrap_stage
 from ray_jobs import evaluate as evaluate_stage
@@ -104,7 +106,12 @@ class PipelineConfig(StrictModel):
     """The whole pipeline. Every output goes under `runs_dir`."""
 
     runs_dir: str = "runs"
-    data: str | None = None  # a reader source; None means the synthetic source
+    # A reader source; None means the synthetic source. Or several sources, each with its own
+    # reader settings and role (helpsteer_core.conversation_sources.DataSource): `apm` (its labels
+    # train the APM; its validation rows score it, per source), `sft` (human: AC-SFT on its own
+    # labels; apm / apm_quantile: on the APM's after relabel; none), `repeat`. `path: builtin:synthetic`
+    # is the built-in synthetic source.
+    data: str | list[DataSource] | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     filter: filter_data.FilterSettings = filter_data.FilterSettings()
     apm: train_apm_stage.TrainAPMSettings = train_apm_stage.TrainAPMSettings()
@@ -126,6 +133,27 @@ class PipelineConfig(StrictModel):
     from_stage: Stage = "filter"  # --from: earlier stages must already be complete
     until_stage: Stage = "bootstrap"  # --until: the last stage to run
     force: bool = False  # rerun stages in range even when their output is complete
+
+    @field_validator("data")
+    @classmethod
+    def _sources(cls, data: str | list[DataSource] | None) -> str | list[DataSource] | None:
+        return data if data is None or isinstance(data, str) else check_source_names(data)
+
+    def model_post_init(self, _: Any) -> None:
+        if not isinstance(self.data, list):
+            return
+        trained = [s.name for s in self.data if s.sft != "none"]
+        if self.answers is not None and trained:
+            raise ConfigError(
+                f"data: sources {trained} have sft set, but with an `answers:` section AC-SFT trains on "
+                "the generated answers; give them sft: none (they still train the APM)"
+            )
+        if self.answers is None and not trained:
+            raise ConfigError(
+                "data: no source has sft: human, apm or apm_quantile; AC-SFT would have no rows"
+            )
+        if not any(s.apm for s in self.data):
+            raise ConfigError("data: no source has apm: true; the APM would have no rows to learn from")
 
     @field_validator("variants")
     @classmethod
@@ -149,19 +177,19 @@ class _Plan:
     known once relabel's output is.
     """
 
-    def __init__(self, config: PipelineConfig, runs: Path, data: str) -> None:
+    def __init__(self, config: PipelineConfig, runs: Path, data: Data) -> None:
         self.config, self.runs = config, runs
         self.answers = config.answers is not None
         self.inputs: dict[str, dict[str, Any]] = {}
         code = code_version()
         self.inputs["filter"] = {
-            "data": source_fingerprint(data, config.filter.hf_split),
+            "data": _data_fingerprint(data, config.filter.hf_split),
             "settings": result_settings(config.filter, filter_data.SPEED_ONLY),
             "code": code,
         }
         self.inputs["train_apm"] = {
             "filter": self.key("filter"),
-            "settings": result_settings(config.apm, TRAINING_SPEED_ONLY),
+            "settings": result_settings(apm_settings(config), TRAINING_SPEED_ONLY),
             "backbone": model_fingerprint(config.apm.apm.backbone),
             "code": code,
         }
@@ -176,7 +204,7 @@ class _Plan:
         self.inputs["relabel"] = {
             "apm": self.key("train_apm"),
             relabelled: self.key(relabelled),
-            "settings": result_settings(config.relabel, relabel_stage.SPEED_ONLY),
+            "settings": result_settings(relabel_settings(config), relabel_stage.SPEED_ONLY),
             "code": code,
         }
 
@@ -186,10 +214,11 @@ class _Plan:
         if stage == "train_sft":
             if self.complete("relabel") is None:
                 return None
+            sft = sft_settings(config)
             return {
-                "examples": train_sft_stage.examples_fingerprint(config.sft, self.out("relabel")),
-                "validation": None if self.answers else self.key("filter"),
-                "settings": train_sft_stage.identity_settings(config.sft, TRAINING_SPEED_ONLY),
+                "examples": train_sft_stage.examples_fingerprint(sft, self.out("relabel")),
+                "validation": None if self.answers or isinstance(config.data, list) else self.key("filter"),
+                "settings": train_sft_stage.identity_settings(sft, TRAINING_SPEED_ONLY),
                 "generator": model_fingerprint(config.sft.generator),
                 "code": code,
             }
@@ -298,6 +327,62 @@ def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
     return str(folder)
 
 
+Data = str | list[DataSource]  # what the filter stage reads: one source, or several named ones
+BUILTIN_SYNTHETIC = "builtin:synthetic"  # a DataSource path: the built-in synthetic source
+
+
+def _data(config: PipelineConfig, runs: Path) -> Data:
+    """The filter stage's `data`: the profile's, with the synthetic source written where named."""
+    if config.data is None:
+        return _synthetic_source(config, runs)
+    if isinstance(config.data, str):
+        return config.data
+    return [
+        s.model_copy(update={"path": _synthetic_source(config, runs)}) if s.path == BUILTIN_SYNTHETIC else s
+        for s in config.data
+    ]
+
+
+def _data_fingerprint(data: Data, hf_split: str) -> Any:
+    """What the filter reads: a source's content, or each named source's content and reader settings."""
+    if isinstance(data, str):
+        return source_fingerprint(data, hf_split)
+    reading = ("name", "input_format", "hf_split", "oasst")  # not apm / sft / repeat: later stages'
+    return [
+        s.model_dump(mode="json", include=set(reading)) | {"content": source_fingerprint(s.path, s.hf_split)}
+        for s in data
+    ]
+
+
+def apm_settings(config: PipelineConfig) -> train_apm_stage.TrainAPMSettings:
+    """The APM's settings; with several sources, it trains on those with `apm: true`."""
+    if not isinstance(config.data, list):
+        return config.apm
+    return config.apm.model_copy(update={"sources": [s.name for s in config.data if s.apm]})
+
+
+def relabel_settings(config: PipelineConfig) -> relabel_stage.RelabelSettings:
+    """Relabel's settings; with several sources (and no answers), it labels those AC-SFT trains on."""
+    if not isinstance(config.data, list) or config.answers is not None:
+        return config.relabel
+    return config.relabel.model_copy(update={"sources": [s.name for s in config.data if s.sft != "none"]})
+
+
+def sft_settings(config: PipelineConfig) -> train_sft_stage.TrainSFTSettings:
+    """AC-SFT's settings; with several sources (and no answers), each source's rows take its `sft`
+    as their attribute source and appear `repeat` times an epoch (rules before the profile's)."""
+    if not isinstance(config.data, list) or config.answers is not None:
+        return config.sft
+    trained = [s for s in config.data if s.sft != "none"]
+    repeats = [RowRepeat(where={SOURCE_COLUMN: [s.name]}, times=s.repeat) for s in trained if s.repeat > 1]
+    return config.sft.model_copy(
+        update={
+            "attribute_source": {s.name: s.sft for s in trained},
+            "repeat": [*repeats, *config.sft.repeat],
+        }
+    )
+
+
 def stage_tracking(config: PipelineConfig, runs: Path) -> TrackingConfig:
     """The tracking settings every stage of the pipeline gets (runs in `runs` unless a server)."""
     return TrackingConfig(runs_dir=str(runs), experiment=config.experiment, **config.tracking.model_dump())
@@ -315,7 +400,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
         for name in config.evaluate.real_prompts:  # a missing prompt file fails now, not after training
             read_prompt_file(resolve_path(name))
     tracking = stage_tracking(config, runs)
-    data = config.data or _synthetic_source(config, runs)
+    data = _data(config, runs)
     plan = _Plan(config, runs, data)
     for stage in STAGES[:first]:
         if plan.used(stage) and plan.complete(stage) is None:
@@ -396,7 +481,7 @@ def variant_config(config: PipelineConfig, index: int) -> PipelineConfig:
 def _variants(
     config: PipelineConfig,
     plan: _Plan,
-    data: str,
+    data: Data,
     tracking: TrackingConfig,
     summary: dict[str, Any],
     status: dict[str, str],
@@ -423,11 +508,11 @@ def _variants(
     return outputs
 
 
-def _filter(config: PipelineConfig, plan: _Plan, data: str, tracking: TrackingConfig) -> dict[str, Any]:
+def _filter(config: PipelineConfig, plan: _Plan, data: Data, tracking: TrackingConfig) -> dict[str, Any]:
     stage_config = filter_data.FilterStageConfig.model_validate(
         {
             **config.filter.model_dump(),
-            "data": data,
+            "data": data if isinstance(data, str) else [s.model_dump() for s in data],
             "out": str(plan.out("filter")),
             "tracking": tracking.model_dump(),
         }
@@ -438,7 +523,7 @@ def _filter(config: PipelineConfig, plan: _Plan, data: str, tracking: TrackingCo
 def _train_apm(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
     stage_config = train_apm_stage.TrainAPMConfig.model_validate(
         {
-            **config.apm.model_dump(),
+            **apm_settings(config).model_dump(),
             "data": str(plan.out("filter")),
             "out": str(plan.out("train_apm")),
             "storage": str(plan.runs / "ray_train"),
@@ -472,7 +557,7 @@ def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> d
     data = plan.out("generate_answers") / answers_stage.KEPT if plan.answers else plan.out("filter") / "train"
     stage_config = relabel_stage.RelabelConfig.model_validate(
         {
-            **config.relabel.model_dump(),
+            **relabel_settings(config).model_dump(),
             "apm": str(plan.out("train_apm")),
             "data": str(data),
             "out": str(plan.out("relabel")),
@@ -484,13 +569,16 @@ def _relabel(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> d
 
 
 def _train_sft(config: PipelineConfig, plan: _Plan, tracking: TrackingConfig) -> dict[str, Any]:
+    several = isinstance(config.data, list)
     stage_config = train_sft_stage.TrainSFTConfig.model_validate(
         {
-            **config.sft.model_dump(),
+            **sft_settings(config).model_dump(),
             "data": str(plan.out("relabel")),
             # The filter's validation rows carry human labels of the synthetic set, not the answers'
             # APM labels: with self-written answers there is no validation loss (evaluate measures).
-            "validation": None if plan.answers else str(plan.out("filter") / "validation"),
+            # Several sources: their validation rows are not relabelled, so neither (the APM's
+            # report scores each source's validation rows).
+            "validation": None if plan.answers or several else str(plan.out("filter") / "validation"),
             "out": str(plan.out("train_sft")),
             "storage": str(plan.runs / "ray_train"),
             "run_name": "sft",

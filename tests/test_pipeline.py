@@ -303,3 +303,75 @@ def test_a_missing_real_prompt_file_fails_before_any_stage_runs(tmp_path, capsys
     assert main(["--config", profile, f"runs_dir={runs}", f"evaluate.real_prompts=[{missing}]"]) == 2
     assert f"{missing}: no prompt file there" in capsys.readouterr().err
     assert not (runs / RECORDS_FOLDER).exists()
+
+
+def _several_sources(runs: Path, tiny_backbone: Path, tiny_generator: Path, oasst_sft: str) -> list[str]:
+    """The paper's shape on tiny models: HelpSteer rows and OpenAssistant trees train the APM,
+    the OpenAssistant turns are relabelled and AC-SFT conditions on the APM's labels for them."""
+    from shared_data import shared_file
+
+    sources = [
+        {"name": "helpsteer", "path": str(shared_file("helpsteer2/train_rows_001_060.jsonl"))},
+        {
+            "name": "oasst",
+            "path": str(shared_file("oasst/fixture_a.trees.jsonl")),
+            "sft": oasst_sft,
+            "repeat": 2,
+        },
+    ]
+    return [
+        *_synthetic_sft(runs, tiny_backbone, tiny_generator),
+        f"data={json.dumps(sources)}",
+        "filter.filters.required_attributes=[]",  # OpenAssistant turns carry four attributes, not five
+        "filter.split.validation_fraction=0.3",
+        "sft.examples.max_length=384",
+    ]
+
+
+def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_asked(
+    ray_head, tiny_backbone, tiny_generator, tmp_path_factory
+):
+    runs = tmp_path_factory.mktemp("sources") / "runs"
+    overrides = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="apm")
+    profile = REPO / "configs" / "local.yaml"
+    summary = run(load_config(PipelineConfig, profile, [*overrides, "until_stage=train_sft"]))
+
+    per_source = summary["filter"]["sources"]
+    assert set(per_source) == {"helpsteer", "oasst"} and all(c["reconciles"] for c in per_source.values())
+    report = json.loads((runs / "apm" / "evaluation" / "metrics.json").read_text())
+    assert set(report["sources"]) == {"helpsteer", "oasst"}
+    assert {"quality", "helpfulness"} <= set(report["attributes"])
+    train = [
+        r
+        for f in sorted((runs / "filtered" / "train").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    oasst_train = [r for r in train if r["data_source"] == "oasst"]
+    assert summary["relabel"]["output_rows"] == len(oasst_train) > 0
+    assert summary["relabel"]["other_sources"] == {"helpsteer": len(train) - len(oasst_train)}
+    relabelled = [
+        r for f in sorted((runs / "relabelled").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    assert all(r["apm_quality_int"] is not None for r in relabelled)
+    assert summary["train_sft"]["data"]["examples"] == len(oasst_train)
+    assert summary["train_sft"]["data"]["repeated_examples"] == len(oasst_train)  # repeat: 2
+    recorded = yaml.safe_load((runs / "sft" / "sft_config.yaml").read_text())
+    assert recorded["attribute_source"] == {"oasst": "apm"}
+
+    # Another APM (a different lr): relabel reruns, and so does AC-SFT, whose examples read its labels.
+    other_apm = [*overrides, "apm.lr=3e-4", "until_stage=train_sft"]
+    changed = run(load_config(PipelineConfig, profile, other_apm))
+    assert changed["train_apm"]["out"] != summary["train_apm"]["out"]
+    assert changed["relabel"]["out"] != summary["relabel"]["out"]
+    assert changed["train_sft"]["out"] != summary["train_sft"]["out"]
+
+    # The same two APMs when AC-SFT takes the OpenAssistant turns' own labels: the examples do not
+    # change with the APM, so neither does AC-SFT's key (its output is reused, not retrained).
+    human = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="human")
+    first = run(load_config(PipelineConfig, profile, [*human, "until_stage=train_sft"]))
+    second = run(load_config(PipelineConfig, profile, [*human, "apm.lr=3e-4", "until_stage=train_sft"]))
+    assert second["relabel"]["out"] != first["relabel"]["out"]
+    assert second["train_sft"]["out"] == first["train_sft"]["out"]
+    # That APM and its relabelling ran above (relabel labels the sources AC-SFT trains on, whatever
+    # their labels' origin): nothing runs at all, AC-SFT included.
+    assert _stage_runs(runs)[-1] == []
