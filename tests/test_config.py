@@ -227,6 +227,7 @@ SHIPPED = {
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "helpsteer2.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "helpsteer-paper.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
 }
 
 
