@@ -150,7 +150,8 @@ def _read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
     a conversation source's units become one row per assistant turn, or one row carrying the
     reader's verdict (`unit_status`) for a unit rejected or left out."""
     named = {"data_source": item["source"]} if item["source"] is not None else {}
-    return [named | row for row in _shard_rows(Shard(**item["shard"]), item["format"], item["oasst"])]
+    oasst = OasstOptions.model_validate(item["oasst"])
+    return [named | row for row in _shard_rows(Shard(**item["shard"]), item["format"], oasst)]
 
 
 def _shard_rows(shard: Shard, fmt: str, oasst: OasstOptions) -> list[dict[str, Any]]:
@@ -224,7 +225,7 @@ def _output_rows(
 def _merge_keys(key_lists: list[str]) -> list[str]:
     merged: list[str] = []
     for text in sorted(key_lists):
-        for key in json.loads(text):
+        for key in json.loads(text) if text else []:  # "": a unit left out whole has no row fields
             if key not in merged:
                 merged.append(key)
     return merged
@@ -340,7 +341,7 @@ def run(config: FilterStageConfig) -> dict[str, Any]:
     # aggregator actors that can wait for CPUs the stage's own tasks hold on a small cluster.
     ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     items = [
-        {"shard": shard.to_dict(), "source": s.name, "format": s.input_format, "oasst": s.oasst}
+        {"shard": shard.to_dict(), "source": s.name, "format": s.input_format, "oasst": s.oasst.model_dump()}
         for s in sources
         for shard in s.shards
     ]
