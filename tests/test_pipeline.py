@@ -361,8 +361,8 @@ def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_
     # Another APM (a different lr): relabel reruns, and so does AC-SFT, whose examples read its labels.
     other_apm = [*overrides, "apm.lr=3e-4", "until_stage=train_sft"]
     changed = run(load_config(PipelineConfig, profile, other_apm))
-    assert changed["train_apm"]["out"] != summary["train_apm"]["out"]
-    assert changed["relabel"]["out"] != summary["relabel"]["out"]
+    assert changed["train_apm"]["model"] != summary["train_apm"]["model"]
+    assert changed["relabel"]["apm"] != summary["relabel"]["apm"]
     assert changed["train_sft"]["out"] != summary["train_sft"]["out"]
 
     # The same two APMs when AC-SFT takes the OpenAssistant turns' own labels: the examples do not
@@ -370,7 +370,7 @@ def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_
     human = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="human")
     first = run(load_config(PipelineConfig, profile, [*human, "until_stage=train_sft"]))
     second = run(load_config(PipelineConfig, profile, [*human, "apm.lr=3e-4", "until_stage=train_sft"]))
-    assert second["relabel"]["out"] != first["relabel"]["out"]
+    assert second["relabel"]["apm"] != first["relabel"]["apm"]
     assert second["train_sft"]["out"] == first["train_sft"]["out"]
     # That APM and its relabelling ran above (relabel labels the sources AC-SFT trains on, whatever
     # their labels' origin): nothing runs at all, AC-SFT included.
