@@ -325,6 +325,7 @@ def _several_sources(runs: Path, tiny_backbone: Path, tiny_generator: Path, oass
         "filter.filters.required_attributes=[]",  # OpenAssistant turns carry four attributes, not five
         "filter.split.validation_fraction=0.3",
         "sft.examples.max_length=384",
+        "sft.answer_level=[]",  # the profile's rule for generated answers' registers
     ]
 
 
@@ -332,7 +333,8 @@ def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_
     ray_head, tiny_backbone, tiny_generator, tmp_path_factory
 ):
     runs = tmp_path_factory.mktemp("sources") / "runs"
-    overrides = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="apm")
+    # apm_quantile: the APM's predictions ranked into levels, so any change in their order shows.
+    overrides = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="apm_quantile")
     profile = REPO / "configs" / "local.yaml"
     summary = run(load_config(PipelineConfig, profile, [*overrides, "until_stage=train_sft"]))
 
@@ -356,10 +358,12 @@ def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_
     assert summary["train_sft"]["data"]["examples"] == len(oasst_train)
     assert summary["train_sft"]["data"]["repeated_examples"] == len(oasst_train)  # repeat: 2
     recorded = yaml.safe_load((runs / "sft" / "sft_config.yaml").read_text())
-    assert recorded["attribute_source"] == {"oasst": "apm"}
+    assert recorded["attribute_source"] == {"oasst": "apm_quantile"}
+    levels = json.loads((runs / "sft" / "attribute_levels.json").read_text())
+    assert sum(levels["rows_per_level"]["quality"]) == len(oasst_train)  # ranked among its rows
 
-    # Another APM (a different lr): relabel reruns, and so does AC-SFT, whose examples read its labels.
-    other_apm = [*overrides, "apm.lr=3e-4", "until_stage=train_sft"]
+    # Another APM (other lr and seed): relabel reruns, and so does AC-SFT, whose examples read its labels.
+    other_apm = [*overrides, "apm.lr=3e-4", "apm.seed=7", "until_stage=train_sft"]
     changed = run(load_config(PipelineConfig, profile, other_apm))
     assert changed["train_apm"]["model"] != summary["train_apm"]["model"]
     assert changed["relabel"]["apm"] != summary["relabel"]["apm"]
@@ -369,7 +373,9 @@ def test_several_sources_train_one_apm_and_sft_reads_the_apms_labels_only_where_
     # change with the APM, so neither does AC-SFT's key (its output is reused, not retrained).
     human = _several_sources(runs, tiny_backbone, tiny_generator, oasst_sft="human")
     first = run(load_config(PipelineConfig, profile, [*human, "until_stage=train_sft"]))
-    second = run(load_config(PipelineConfig, profile, [*human, "apm.lr=3e-4", "until_stage=train_sft"]))
+    second = run(
+        load_config(PipelineConfig, profile, [*human, "apm.lr=3e-4", "apm.seed=7", "until_stage=train_sft"])
+    )
     assert second["relabel"]["apm"] != first["relabel"]["apm"]
     assert second["train_sft"]["out"] == first["train_sft"]["out"]
     # That APM and its relabelling ran above (relabel labels the sources AC-SFT trains on, whatever
