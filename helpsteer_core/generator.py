@@ -107,7 +107,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     loaded model still carries a GGUF quantization config that refuses `save_pretrained`, so that
     config is removed first (the weights are plain float32 tensors by then). The folder is written
     to `<out>.partial` and renamed into place, so a reader never sees half a model; an existing
-    `out` is replaced. `gguf_source.json` records which file the folder came from.
+    `out` is replaced. `gguf_source.json` records the GGUF's sha256 and the transformers version:
+    two conversions of the same file give the same folder, wherever the package is installed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import __version__ as transformers_version
@@ -128,7 +129,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     unsafe = [p.name for p in partial.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
     if unsafe:
         raise RuntimeError(f"{partial}: conversion wrote non-safetensors weights {unsafe}")
-    source = {**_source_key(gguf), "sha256": _sha256(gguf), "transformers": transformers_version}
+    # Only what the content came from: a folder's fingerprint (a training run's identity) must not
+    # change with where or when the package was installed (`_source_key` goes beside the folder).
+    source = {"sha256": _sha256(gguf), "transformers": transformers_version}
     (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     if out.exists():
         stale = out.with_name(f"{out.name}.stale-{os.getpid()}")
@@ -140,17 +143,20 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def _key_file(folder: Path) -> Path:
+    """Beside the folder: which GGUF file (path, size, mtime) it was last converted from."""
+    return folder.with_name(folder.name + ".gguf-key.json")
+
+
 def _is_current(folder: Path, gguf: Path) -> bool:
-    """True when `folder` is a finished conversion of this very GGUF file (same size and mtime)."""
-    marker = folder / SOURCE_FILE
-    if not marker.is_file():
+    """True when `folder` is a finished conversion of this very GGUF file (same path, size, mtime)."""
+    if not (folder / SOURCE_FILE).is_file():
         return False
     try:
-        recorded = json.loads(marker.read_text())
+        recorded = json.loads(_key_file(folder).read_text())
     except (OSError, ValueError):
         return False
-    key = _source_key(gguf)
-    return all(recorded.get(k) == v for k, v in key.items())
+    return bool(recorded == _source_key(gguf))
 
 
 @contextmanager
@@ -182,6 +188,7 @@ def cached_smollm2(cache_dir: Path | None = None) -> Path:
         start = time.monotonic()
         log.info("converting %s to %s (once) ...", gguf.name, folder)
         convert_gguf(gguf, folder)
+        _key_file(folder).write_text(json.dumps(_source_key(gguf), indent=2) + "\n")
         log.info("converted in %.1fs", time.monotonic() - start)
     return folder
 

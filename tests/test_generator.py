@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpsteer_core import generator
+from helpsteer_core.fingerprints import model_fingerprint
 from helpsteer_core.generator import (
     SMOLLM2,
     GeneratorSourceError,
@@ -66,7 +67,7 @@ def test_the_cache_converts_once_and_again_only_when_the_gguf_changes(
     def fake_convert(source: Path, out: Path) -> Path:
         calls.append(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / generator.SOURCE_FILE).write_text(json.dumps(generator._source_key(source)))
+        (out / generator.SOURCE_FILE).write_text(json.dumps({"sha256": "same bytes"}))
         return out
 
     monkeypatch.setattr(generator, "smollm2_gguf_path", lambda: gguf)
@@ -77,8 +78,12 @@ def test_the_cache_converts_once_and_again_only_when_the_gguf_changes(
     assert cached_smollm2() == folder and calls == [folder]
     assert resolve_generator(SMOLLM2) == str(folder) and len(calls) == 1
     stat = gguf.stat()
+    fingerprint = model_fingerprint(str(folder))
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a reinstall
     assert cached_smollm2() == folder and len(calls) == 2
+    # The folder holds nothing of where or when the package was installed: a run keyed by it
+    # (train_sft's identity) resumes after a reinstall.
+    assert model_fingerprint(str(folder)) == fingerprint
 
 
 @pytest.mark.slow
@@ -93,7 +98,9 @@ def test_cached_smollm2_converts_once_into_a_safetensors_folder(tmp_path: Path) 
     assert weights == ["model.safetensors"]
     assert not folder.with_name(folder.name + ".partial").exists()
     source = json.loads((folder / generator.SOURCE_FILE).read_text())
-    assert source["file"] == str(smollm2_gguf_path().resolve()) and len(source["sha256"]) == 64
+    assert set(source) == {"sha256", "transformers"} and len(source["sha256"]) == 64
+    key = json.loads(folder.with_name(folder.name + ".gguf-key.json").read_text())
+    assert key["file"] == str(smollm2_gguf_path().resolve())
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -146,3 +153,24 @@ def test_tiny_llama_forward_and_seeding() -> None:
     assert not torch.equal(first, next(other.parameters()))
     with pytest.raises(ValueError, match="divisible"):
         tiny_llama(vocab_size=100, hidden=30, heads=4)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_converting_the_same_gguf_installed_elsewhere_gives_the_same_folder_fingerprint(
+    tmp_path: Path,
+) -> None:
+    """A reinstall (another path, another mtime) must not change the converted folder's bytes:
+    train_sft's run identity hashes that folder, and a changed identity starts training over."""
+    import shutil
+
+    copies = []
+    for name in ("site-a", "site-b"):
+        copy = tmp_path / name / smollm2_gguf_path().name
+        copy.parent.mkdir()
+        shutil.copyfile(smollm2_gguf_path(), copy)
+        copies.append(copy)
+    stat = copies[1].stat()
+    os.utime(copies[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    folders = [generator.convert_gguf(copy, tmp_path / f"converted-{i}") for i, copy in enumerate(copies)]
+    assert model_fingerprint(str(folders[0])) == model_fingerprint(str(folders[1]))
