@@ -12,9 +12,10 @@ Where it comes from (`resolve_generator`):
 - anything else (a hub id or a local folder) is handed to `from_pretrained` unchanged.
 
 The cache folder is `$HELPSTEER_CACHE/smollm2-135m-instruct` when HELPSTEER_CACHE is set, else
-`~/.cache/helpsteer/smollm2-135m-instruct`. It holds a `gguf_source.json` saying which GGUF file
-(path, size, mtime, sha256) it was converted from; a GGUF file of another size or mtime (a
-reinstall, an upgrade) is converted again. Conversions are atomic (written to `<out>.partial`,
+`~/.cache/helpsteer/smollm2-135m-instruct`. It holds a `gguf_source.json` with the GGUF's sha256 and the
+transformers version (the folder's bytes depend on its content only, so run identities survive a
+reinstall); `<folder>.gguf-key.json` beside it records the file's path, size and mtime, and a GGUF
+file of another path, size or mtime (a reinstall, an upgrade) is converted again. Conversions are atomic (written to `<out>.partial`,
 then renamed) and serialised by a lock file, so Ray workers on one node may all call
 `cached_smollm2` and only one converts.
 
