@@ -124,15 +124,22 @@ def check_apm(device: str, quick: bool) -> tuple[str, str]:
     )
 
 
-def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
+def _sft_setup(device: str, quick: bool) -> tuple[bool, int, list, Any]:
+    """What both AC-SFT steps need: the device, the step count, the examples, the process group."""
     _need("deepspeed")
     from sft import synthetic_examples  # bench/sft.py
-    from sft_engine import LAYOUTS, time_layout  # bench/sft_engine.py
 
     use_gpu = device == "cuda"
     _one_process_group(use_gpu)
     steps = 3 if quick else 12
     examples, tokenizer = synthetic_examples(8 * steps + 8, 1)
+    return use_gpu, steps, examples, tokenizer
+
+
+def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
+    from sft_engine import LAYOUTS, time_layout  # bench/sft_engine.py
+
+    use_gpu, steps, examples, tokenizer = _sft_setup(device, quick)
     layout = LAYOUTS["bf16 ZeRO-1, trained-position logits"]
     if not use_gpu:
         layout = LAYOUTS["fp32 ZeRO-0"]  # bf16 on a CPU without bf16 instructions is refused
@@ -144,14 +151,9 @@ def check_sft_deepspeed(device: str, quick: bool) -> tuple[str, str]:
 
 
 def check_sft_lora(device: str, quick: bool) -> tuple[str, str]:
-    _need("deepspeed")
-    from sft import synthetic_examples  # bench/sft.py
     from sft_engine import LAYOUTS, time_layout  # bench/sft_engine.py
 
-    use_gpu = device == "cuda"
-    _one_process_group(use_gpu)
-    steps = 3 if quick else 12
-    examples, tokenizer = synthetic_examples(8 * steps + 8, 1)
+    use_gpu, steps, examples, tokenizer = _sft_setup(device, quick)
     rates = []
     for stage in (2, 3):
         layout = LAYOUTS[f"bf16 ZeRO-{stage}, LoRA r 16"]
