@@ -15,9 +15,9 @@ The cache folder is `$HELPSTEER_CACHE/smollm2-135m-instruct` when HELPSTEER_CACH
 `~/.cache/helpsteer/smollm2-135m-instruct`. It holds a `gguf_source.json` with the GGUF's sha256 and the
 transformers version (the folder's bytes depend on its content only, so run identities survive a
 reinstall); `<folder>.gguf-key.json` beside it records the file's path, size and mtime, and a GGUF
-file of another path, size or mtime (a reinstall, an upgrade) is converted again. Conversions are atomic (written to `<out>.partial`,
-then renamed) and serialised by a lock file, so Ray workers on one node may all call
-`cached_smollm2` and only one converts.
+file of another path, size or mtime (a reinstall, an upgrade) is converted again. Conversions
+are atomic (written to `<out>.partial`, then renamed) and serialised by a lock file, so Ray
+workers on one node may all call `cached_smollm2` and only one converts.
 
 `tiny_llama` builds a randomly initialised 2-layer Llama from config for tests and mechanics.
 

@@ -1155,8 +1155,9 @@ def _check_foreign_folder(out: Path) -> None:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{manifest}: unreadable ({exc}); refusing to replace this folder") from exc
-    if not isinstance(content, dict) or "generator_version" not in content:
+    # Another generator's manifest (helpsteer_core.synthetic_oasst names itself) is not ours either.
+    if not isinstance(content, dict) or "generator_version" not in content or "generator" in content:
         raise ConfigError(
-            f"{manifest}: not a synthetic-data manifest (no generator_version); refusing to "
-            "replace this folder"
+            f"{manifest}: not this generator's manifest (no generator_version, or another "
+            "generator's); refusing to replace this folder"
         )

@@ -1,6 +1,7 @@
 """The `helpsteer` command: every stage, run locally, with the same code as the Ray jobs.
 
 helpsteer synth --rows 2000 --seed 1 --out data/synth
+helpsteer synth --format oasst --trees 300 --out data/synth-oasst
 helpsteer filter --data data/synth --out runs/filtered
 helpsteer export --format nemo-acsft --data runs/filtered/train --out train.acsft.jsonl
 helpsteer generate-answers --out runs/answers --questions 120
@@ -16,12 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from helpsteer_core.config import load_config, resolve_path
+
+
+class SynthFormat(StrEnum):
+    helpsteer = "helpsteer"
+    oasst = "oasst"
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -50,13 +58,27 @@ def _fail(exc: Exception) -> None:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Output folder (JSON Lines shards + manifest.json)")],
-    rows: Annotated[int, typer.Option(min=1, help="Number of rows")] = 2000,
+    rows: Annotated[int, typer.Option(min=1, help="Number of rows (--format helpsteer)")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same rows")] = 1,
+    format_: Annotated[
+        SynthFormat,
+        typer.Option(
+            "--format",
+            help="helpsteer: HelpSteer-style rows; oasst: OpenAssistant message trees (export format)",
+        ),
+    ] = SynthFormat.helpsteer,
+    trees: Annotated[int, typer.Option(min=1, help="Number of message trees (--format oasst)")] = 300,
 ) -> None:
-    """Write the deterministic synthetic HelpSteer dataset with planted attribute signals."""
+    """Write deterministic synthetic data with planted labels: HelpSteer-style rows (five attributes)
+    or OpenAssistant-format message trees (quality, toxicity, humor, creativity)."""
     from helpsteer_core.synthetic import write_synthetic
+    from helpsteer_core.synthetic_oasst import write_synthetic_oasst
 
     try:
+        if format_ is SynthFormat.oasst:
+            path = write_synthetic_oasst(resolve_path(out), trees=trees, seed=seed)
+            typer.echo(f"wrote {trees} message trees to {path}")
+            return
         files = write_synthetic(resolve_path(out), rows=rows, seed=seed)
     except ValueError as exc:
         _fail(exc)

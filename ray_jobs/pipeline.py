@@ -56,6 +56,8 @@ from helpsteer_core.outputs import TRAINING_SPEED_ONLY
 from helpsteer_core.prompt_files import read_prompt_file
 from helpsteer_core.sft_data import RowRepeat
 from helpsteer_core.synthetic import GENERATOR_VERSION, write_synthetic
+from helpsteer_core.synthetic_oasst import GENERATOR_VERSION as OASST_GENERATOR_VERSION
+from helpsteer_core.synthetic_oasst import write_synthetic_oasst
 from ray_jobs import bootstrap as bootstrap_stage
 from ray_jobs import evaluate as evaluate_stage
 from ray_jobs import filter_data
@@ -86,10 +88,12 @@ LINKS = {
 
 
 class SyntheticConfig(StrictModel):
-    """The built-in synthetic source (used when `data` is not set)."""
+    """The built-in synthetic sources: HelpSteer-style rows (used when `data` is not set, or where
+    a source's path is `builtin:synthetic`) and OpenAssistant-format trees (`builtin:synthetic-oasst`)."""
 
     rows: int = Field(2000, ge=1)
     seed: int = 1
+    oasst_trees: int = Field(300, ge=1)  # trees of helpsteer_core.synthetic_oasst, planted labels
 
 
 class Variant(StrictModel):
@@ -110,7 +114,7 @@ class PipelineConfig(StrictModel):
     # reader settings and role (helpsteer_core.conversation_sources.DataSource): `apm` (its labels
     # train the APM; its validation rows score it, per source), `sft` (human: AC-SFT on its own
     # labels; apm / apm_quantile: on the APM's after relabel; none), `repeat`. `path: builtin:synthetic`
-    # is the built-in synthetic source.
+    # and `builtin:synthetic-oasst` are the built-in synthetic sources (`synthetic:`).
     data: str | list[DataSource] | None = None
     synthetic: SyntheticConfig = SyntheticConfig()
     filter: filter_data.FilterSettings = filter_data.FilterSettings()
@@ -327,20 +331,30 @@ def _synthetic_source(config: PipelineConfig, runs: Path) -> str:
     return str(folder)
 
 
+def _synthetic_oasst_source(config: PipelineConfig, runs: Path) -> str:
+    trees, seed = config.synthetic.oasst_trees, config.synthetic.seed
+    folder = runs / "data" / f"synthetic-oasst-v{OASST_GENERATOR_VERSION}-trees{trees}-seed{seed}"
+    if not (folder / "manifest.json").is_file():
+        path = write_synthetic_oasst(folder, trees=trees, seed=seed)
+        log.info("synthetic-oasst: %d trees -> %s", trees, path)
+    return str(folder)
+
+
 Data = str | list[DataSource]  # what the filter stage reads: one source, or several named ones
-BUILTIN_SYNTHETIC = "builtin:synthetic"  # a DataSource path: the built-in synthetic source
+# DataSource paths naming the built-in synthetic sources, written under runs_dir/data on first use.
+BUILTIN_SOURCES = {"builtin:synthetic": _synthetic_source, "builtin:synthetic-oasst": _synthetic_oasst_source}
 
 
 def _data(config: PipelineConfig, runs: Path) -> Data:
-    """The filter stage's `data`: the profile's, with the synthetic source written where named."""
+    """The filter stage's `data`: the profile's, with the built-in sources written where named."""
     if config.data is None:
         return _synthetic_source(config, runs)
     if isinstance(config.data, str):
         return config.data
-    return [
-        s.model_copy(update={"path": _synthetic_source(config, runs)}) if s.path == BUILTIN_SYNTHETIC else s
-        for s in config.data
-    ]
+    builtin = {
+        s.path: BUILTIN_SOURCES[s.path](config, runs) for s in config.data if s.path in BUILTIN_SOURCES
+    }
+    return [s.model_copy(update={"path": builtin[s.path]}) if s.path in builtin else s for s in config.data]
 
 
 def _data_fingerprint(data: Data, hf_split: str) -> Any:

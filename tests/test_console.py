@@ -65,6 +65,7 @@ def _tiny_pipeline(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> lis
         "apm.max_steps=3",
         "apm.eval_every=3",
         "relabel.rows_per_unit=50",
+        "data=null",  # the built-in HelpSteer-style source alone: AC-SFT trains on its rows
         "answers=null",
         "sft.repeat=[]",  # the profile repeats answer rows by style; the filter's rows have none
         f"sft.generator={tiny_generator}",

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES
 from helpsteer_core.config import load_config
+from helpsteer_core.oasst import OASST_ATTRIBUTES
 from ray_jobs.pipeline import RECORDS as RECORDS_FOLDER
 from ray_jobs.pipeline import PipelineConfig, main, run
 from ray_jobs.tracking import TrackingConfig, runs_for
@@ -49,6 +51,7 @@ def _synthetic_sft(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> lis
     """The tiny generator cannot write answers worth keeping: AC-SFT on the filter's rows."""
     return [
         *_overrides(runs, tiny_backbone, tiny_generator),
+        "data=null",  # the built-in HelpSteer-style source alone
         "answers=null",
         "sft.repeat=[]",  # the profile repeats answer rows by style; the filter's rows have none
         "sft.attribute_source=prefer_human",
@@ -243,13 +246,15 @@ def test_bootstrap_round_chooses_the_apms_closest_answers_trains_round_2_and_rep
 def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     ray_head, tiny_backbone, tmp_path_factory
 ):
-    """The local profile as shipped (answers on): the packaged SmolLM2 writes answers, the APM
-    labels them, AC-SFT trains on them at the APM's quantile levels, and the evaluation reports
-    relevance on real-style prompts, tuned beside untuned."""
+    """The local profile as shipped (answers on): synthetic HelpSteer-style rows and OpenAssistant-
+    format trees train the APM, reported per source; the packaged SmolLM2 writes answers, the APM
+    labels them, AC-SFT trains on them at the APM's quantile levels (HelpSteer's five in the
+    attribute line), and the evaluation reports relevance on real-style prompts, tuned beside untuned."""
     runs = tmp_path_factory.mktemp("answers") / "runs"
     overrides = [
         f"runs_dir={runs}",
         "synthetic.rows=120",
+        "synthetic.oasst_trees=20",
         f"apm.apm.backbone={tiny_backbone}",
         "apm.max_steps=2",
         "apm.eval_every=2",
@@ -268,6 +273,12 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "evaluate.real_attribute_prompts={verbosity: 1}",
     ]
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
+    sources = summary["filter"]["sources"]
+    assert set(sources) == {"helpsteer", "oasst"} and sources["helpsteer"]["input_rows"] == 120
+    assert sources["oasst"]["kept"] > 20  # one row per assistant turn of 20 trees
+    apm_report = json.loads((runs / "apm" / "evaluation" / "metrics.json").read_text())
+    assert set(apm_report["sources"]["helpsteer"]["attributes"]) == set(HELPSTEER_ATTRIBUTES)
+    assert set(apm_report["sources"]["oasst"]["attributes"]) == set(OASST_ATTRIBUTES)
     answers = pq.read_table(runs / "answers" / "kept" / "part-000000.parquet").to_pylist()
     # kept/ holds every kept answer plus its shorter versions (the profile's `shorter: [1, 2, 4]`).
     assert summary["generate_answers"]["rows"] == len(answers) >= 3
@@ -276,7 +287,10 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         r for f in sorted((runs / "relabelled").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
     ]
     assert [r["response"] for r in relabelled] == [r["response"] for r in answers]
-    assert {"style", "apm_verbosity", "apm_complexity"} <= set(relabelled[0])
+    assert {"style", "apm_verbosity", "apm_complexity", "apm_quality", "apm_humor"} <= set(relabelled[0])
+    # The attribute line carries HelpSteer's five, the fixed three at 4 (sft.examples.condition_on).
+    sft_config = yaml.safe_load((runs / "sft" / "sft_config.yaml").read_text())
+    assert sft_config["examples"]["condition_on"] == list(HELPSTEER_ATTRIBUTES)
     levels = json.loads((runs / "sft" / "attribute_levels.json").read_text())
     assert levels["scope"] == "all" and levels["answer_level"] == ["complexity"]
     cuts = levels["cuts"]["verbosity"]

@@ -19,7 +19,7 @@ from ray_jobs.pipeline import STAGES, PipelineConfig, _Plan
 
 REPO = Path(__file__).resolve().parents[1]
 # SFT on the filter's rows (no `answers:`): the shape where relabel labels the training split.
-BASE = ["answers=null", "sft.attribute_source=prefer_human", "sft.repeat=[]"]
+BASE = ["data=null", "answers=null", "sft.attribute_source=prefer_human", "sft.repeat=[]"]
 
 
 @pytest.fixture

@@ -468,7 +468,7 @@ def test_write_synthetic_refuses_a_foreign_folder(tmp_path: Path) -> None:
         syn.write_synthetic(foreign, rows=10, seed=1)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     (foreign / "manifest.json").write_text('{"stage": "filter"}')
-    with pytest.raises(ValueError, match="not a synthetic-data manifest"):
+    with pytest.raises(ValueError, match="not this generator.s manifest"):
         syn.write_synthetic(foreign, rows=10, seed=1)
     assert sorted(p.name for p in foreign.iterdir()) == ["manifest.json", "notes.txt"]
 
