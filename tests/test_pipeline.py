@@ -182,7 +182,8 @@ def test_a_variant_shares_every_stage_before_sft_and_is_compared_with_the_main_r
     compared = {r["name"]: r for r in json.loads((runs / "compare" / "compare.json").read_text())}
     assert list(compared) == ["main", "no-complexity", "untuned (main)"]
     assert compared["no-complexity"]["folder"] == summary["evaluate [no-complexity]"]["out"]
-    assert compared["main"]["conditioned_note"] == "all"
+    # The profile's line carries HelpSteer's five (sft.examples.condition_on), not all nine.
+    assert compared["main"]["conditioned_note"] == ", ".join(HELPSTEER_ATTRIBUTES)
     assert (
         "| no-complexity | helpfulness, correctness, coherence, verbosity |"
         in (runs / "compare" / "compare.md").read_text()
