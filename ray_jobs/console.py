@@ -128,16 +128,26 @@ class Progress:
         self.log, self.what, self.total, self.unit, self.every = log, what, total, unit, every
         self.done = 0
         self.started = self.shown = time.monotonic()
+        # The pace is measured from the first arrival: the wait before it (a model loading, actors
+        # starting) happens once and would inflate every estimate.
+        self.first: tuple[float, int] | None = None
 
     def advance(self, count: int = 1) -> None:
         self.done += count
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.shown < self.every and self.done < self.total:
             return
         self.shown = now
         elapsed = now - self.started
-        rate = self.done / max(elapsed, 1e-9)
-        left = "done" if self.done >= self.total else f"eta {_duration((self.total - self.done) / rate)}"
+        since, at_first = self.first
+        if self.done >= self.total:
+            left = "done"
+        elif self.done > at_first and now > since:
+            left = f"eta {_duration((self.total - self.done) * (now - since) / (self.done - at_first))}"
+        else:
+            left = "eta after the next arrival"
         self.log.info(
             "%s: %d/%d %s (%d%%), %s elapsed, %s",
             self.what,

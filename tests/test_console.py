@@ -46,7 +46,7 @@ def test_quiet_console_sends_what_is_not_the_projects_to_the_log_file(tmp_path):
     assert done.returncode == 1 and "stage failed: reason" in done.stderr
     assert not RAY_NOISE.search(console), console
     assert "the table" in done.stdout
-    assert re.search(r"generate: 1/2 answers \(50%\), \d+s elapsed, eta \d+s", done.stderr)
+    assert re.search(r"generate: 1/2 answers \(50%\), \d+s elapsed, eta after the next arrival", done.stderr)
     assert "generate: 2/2 answers (100%)" in done.stderr
     log = _log_file(done.stderr)
     assert log.parent == tmp_path / "logs" and log.name.startswith("stage-")
@@ -142,3 +142,23 @@ def test_verbose_puts_ray_output_on_the_console(ray_head, tiny_backbone, synthet
     assert done.returncode == 0, console[-4000:]
     assert re.search(r"\(RayTrainWorker pid=\d+\).*apm step 2/2", console), console[-4000:]
     assert not LOG_LINE.search(console) and not (tmp_path / "runs" / "logs").exists()
+
+
+def test_progress_eta_leaves_out_the_wait_before_the_first_arrival(monkeypatch, caplog):
+    """Generation's first batch arrives after the model loads: the ETA is the pace after it,
+    not the load time spread over the rest (a 2-minute load once read 'eta 9h40m')."""
+    import logging
+
+    from ray_jobs import console
+
+    clock = [1000.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    progress = console.Progress(logging.getLogger("helpsteer.test"), "generate", 250, "answers", every=0)
+    with caplog.at_level(logging.INFO, logger="helpsteer.test"):
+        clock[0] += 120  # loading the model
+        progress.advance(50)
+        clock[0] += 10  # then 50 answers every 10 s
+        progress.advance(50)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first == "generate: 50/250 answers (20%), 2m00s elapsed, eta after the next arrival"
+    assert second == "generate: 100/250 answers (40%), 2m10s elapsed, eta 30s"
