@@ -1105,7 +1105,7 @@ def write_synthetic(
     responses_per_prompt = kwargs.get("responses_per_prompt", (2, 4))
     multi_turn_fraction = kwargs.get("multi_turn_fraction", 0.1)
     _check_arguments(rows, seed, responses_per_prompt, multi_turn_fraction)
-    _check_foreign_folder(out)
+    check_own_folder(out)
     # Generate before touching the folder, so a failure leaves an earlier output intact.
     data = generate(rows, seed, responses_per_prompt, multi_turn_fraction)
 
@@ -1131,15 +1131,22 @@ def write_synthetic(
         "files": [p.name for p in paths],
         "attribute_schema": HELPSTEER.to_dict(),
     }
-    # The manifest goes last and atomically: a folder with a manifest is a finished output.
-    # (An interrupted write leaves no manifest, so the next call refuses the folder.)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    write_manifest(out, manifest)
     return paths
 
 
-def _check_foreign_folder(out: Path) -> None:
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """`manifest.json`, written last and atomically: a folder holding one is a finished output
+    (an interrupted write leaves none, so the next call refuses the folder)."""
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+
+
+def check_own_folder(out: Path, generator: str | None = None) -> None:
+    """Refuse `out` unless it is missing, empty, or a finished output of `generator`: its
+    manifest has a `generator_version` and names that generator (None: this module's, whose
+    manifest names none; `helpsteer_core.synthetic_oasst` names itself)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
@@ -1155,9 +1162,12 @@ def _check_foreign_folder(out: Path) -> None:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{manifest}: unreadable ({exc}); refusing to replace this folder") from exc
-    # Another generator's manifest (helpsteer_core.synthetic_oasst names itself) is not ours either.
-    if not isinstance(content, dict) or "generator_version" not in content or "generator" in content:
+    if (
+        not isinstance(content, dict)
+        or "generator_version" not in content
+        or content.get("generator") != generator
+    ):
         raise ConfigError(
-            f"{manifest}: not this generator's manifest (no generator_version, or another "
-            "generator's); refusing to replace this folder"
+            f"{manifest}: not this generator's manifest (the folder holds no "
+            f"{generator or 'synthetic'} {MANIFEST}); refusing to replace this folder"
         )

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from helpsteer_core.config import ConfigError
-from helpsteer_core.synthetic import MANIFEST, generate
+from helpsteer_core.synthetic import MANIFEST, check_own_folder, generate, write_manifest
 
+GENERATOR = "synthetic-oasst"  # the name its manifest carries
 GENERATOR_VERSION = 1
 TREES_FILE = "synthetic-oasst.trees.jsonl"
 ANSWERS_PER_PROMPT = (1, 3)
@@ -140,34 +141,20 @@ def write_synthetic_oasst(out_dir: str | Path, trees: int, seed: int) -> Path:
     earlier output of it is replaced. The manifest is written last, so a folder holding one is
     complete."""
     out = Path(out_dir)
-    manifest_path = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            earlier = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            earlier = None
-        if not isinstance(earlier, dict) or earlier.get("generator") != "synthetic-oasst":
-            raise ConfigError(
-                f"{out}: folder is not empty and holds no synthetic-oasst {MANIFEST}; refusing to "
-                "write into a folder this generator did not create"
-            )
+    check_own_folder(out, GENERATOR)
     data = generate_trees(trees, seed)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # only ever ours: check_own_folder passed
     path = out / TREES_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(tree, ensure_ascii=False) + "\n" for tree in data), encoding="utf-8")
     os.replace(tmp, path)
     manifest = {
-        "generator": "synthetic-oasst",
+        "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
         "trees": trees,
         "seed": seed,
         "files": [path.name],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, manifest_path)
+    write_manifest(out, manifest)
     return path
