@@ -11,10 +11,11 @@ The attribute string is what SteerLM puts after `<extra_id_2>` in the prompt:
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpsteer_core.readers import SourceError
@@ -166,6 +167,56 @@ def load_and_check_schema(directory: str | Path, expected: AttributeSchema) -> A
     found = load_schema(directory)
     expected.check_compatible(found, where=str(Path(directory) / SCHEMA_FILE))
     return found
+
+
+# Beside an AC-SFT model trained on apm_quantile levels: the scope, the answer-level attributes,
+# the cut points over all training rows (scope all) and the rows per level (train_sft writes it).
+LEVELS_FILE = "attribute_levels.json"
+
+
+@dataclass(frozen=True)
+class LevelScale:
+    """Where the APM's predictions fall on a generator's attribute levels.
+
+    A generator trained on `apm_quantile` levels learnt level k from rows whose APM prediction lies
+    between the k-th and (k+1)-th cut point (`attribute_levels.json`), not from predictions near k:
+    on the demo's data a verbosity prediction of 2.0 is level 0. Whatever compares the APM's
+    scores of a new answer with a requested level (best-of-n, bootstrapping's choice and report)
+    places the scores on this scale first. An attribute without cut points is on the APM's own
+    0-4 scale (a model trained on human or rounded APM labels has none).
+    """
+
+    cuts: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    schema: AttributeSchema = STEERLM
+
+    def place(self, name: str, score: float) -> float:
+        bounds = self.cuts.get(name)
+        if bounds is None:
+            return float(score)
+        return float(self.schema.low + bisect.bisect_right(list(bounds), float(score)))
+
+    def placed(self, scores: Mapping[str, float]) -> dict[str, float]:
+        return {name: self.place(name, score) for name, score in scores.items()}
+
+    @classmethod
+    def read(cls, folder: str | Path, schema: AttributeSchema = STEERLM) -> LevelScale | None:
+        """The scale of the AC-SFT model in `folder`: its `attribute_levels.json` cut points, none
+        when it was not trained on apm_quantile levels; None when its levels were ranked within
+        each prompt (`quantile_scope: prompt`), which leaves no cut points to place an answer by."""
+        path = Path(folder) / LEVELS_FILE
+        if not path.is_file():
+            return cls(schema=schema)
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or "cuts" not in recorded:
+            raise SourceError(f"{path}: expected a mapping with `cuts` (train_sft's {LEVELS_FILE})")
+        if recorded["cuts"] is None:
+            return None
+        count = schema.high - schema.low
+        for name, bounds in recorded["cuts"].items():
+            schema.index(name)
+            if len(bounds) != count or list(bounds) != sorted(bounds):
+                raise SourceError(f"{path}: cuts.{name}: {bounds}; expected {count} ascending cut points")
+        return cls({name: [float(c) for c in bounds] for name, bounds in recorded["cuts"].items()}, schema)
 
 
 def format_attributes(values: Mapping[str, int | None], schema: AttributeSchema = STEERLM) -> str:

@@ -4,7 +4,10 @@ The tuned generator answers each prompt `candidates` times at a target (some att
 random, the rest at a profile's defaults), the APM scores every candidate, and one candidate per
 (prompt, target) is kept as a new AC-SFT row labelled with the APM's predictions: the closest to
 the target (Euclidean distance between the APM's scores and the requested values over the drawn
-attributes, as `/v1/steer` ranks), or the one the APM scores highest on an attribute.
+attributes, as `/v1/steer` ranks), or the one the APM scores highest on an attribute. The scores
+are placed on the generator's own levels first (`LevelScale`: a model trained on the APM's
+predictions ranked into levels learnt level k from a band of predictions, not from k itself);
+`level_<name>` keeps where each landed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from helpsteer_core.attributes import STEERLM, AttributeSchema
+from helpsteer_core.attributes import STEERLM, AttributeSchema, LevelScale
 from helpsteer_core.config import ConfigError
 
 Selection = Literal["closest", "highest"]
@@ -84,15 +87,23 @@ def choose(
     return chosen
 
 
-def scored_row(row: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """`row` (a relabelled candidate) with its `distance` to its target over `names`."""
-    scores = {name: row[f"apm_{name}"] for name in names}
+def scored_row(
+    row: Mapping[str, Any], names: Sequence[str], scale: LevelScale | None = None
+) -> dict[str, Any]:
+    """`row` (a relabelled candidate) with its APM scores placed on the generator's levels
+    (`level_<name>`; the APM's own scale without `scale`) and their `distance` to its target."""
+    placed = (scale or LevelScale()).placed({name: float(row[f"apm_{name}"]) for name in names})
     requested = {name: int(row[f"target_{name}"]) for name in names}
-    return {**row, "distance": round(distance(scores, requested, names), 6)}
+    return {
+        **row,
+        **{f"level_{name}": placed[name] for name in names},
+        "distance": round(distance(placed, requested, names), 6),
+    }
 
 
 def mean_gaps(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """Mean |APM - requested| per attribute and the mean Euclidean distance, over `rows`."""
+    """Mean |APM - requested| per attribute (the scores placed on the generator's levels,
+    `scored_row`) and the mean Euclidean distance, over `rows`."""
     if not rows:
         return {"rows": 0, "distance": None, "per_attribute": {}}
     return {
@@ -100,7 +111,7 @@ def mean_gaps(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[s
         "distance": round(sum(float(r["distance"]) for r in rows) / len(rows), 4),
         "per_attribute": {
             name: round(
-                sum(abs(float(r[f"apm_{name}"]) - int(r[f"target_{name}"])) for r in rows) / len(rows), 4
+                sum(abs(float(r[f"level_{name}"]) - int(r[f"target_{name}"])) for r in rows) / len(rows), 4
             )
             for name in names
         },

@@ -534,9 +534,12 @@ def apm_levels(
     schema: AttributeSchema = STEERLM,
     scope: QuantileScope = "all",
     answer_level: Sequence[str] = (),
+    cuts: Mapping[str, Sequence[float]] | None = None,
 ) -> list[dict[str, int]]:
     """Each row's level per attribute for `attribute_source: apm_quantile`: its APM prediction
     ranked into equal-count levels (`quantile_levels`' cut points) among the rows of its scope.
+    `cuts` fixes the cut points of the attributes it names (another model's scale, `LevelScale`):
+    those are placed by them instead of ranked.
 
     scope "all" ranks over every row; "prompt" over the rows of the same prompt, so that the levels
     say how one prompt's answers differ (shorter, simpler) without the spread between prompts (a
@@ -574,9 +577,12 @@ def apm_levels(
             ]
             if not pool:
                 continue
-            cuts = _cuts([float(rows[i][column]) for i in pool], schema)
+            fixed = (cuts or {}).get(name)
+            bounds = (
+                list(fixed) if fixed is not None else _cuts([float(rows[i][column]) for i in pool], schema)
+            )
             for i in pool:
-                chosen[i][name] = schema.low + bisect.bisect_right(cuts, float(rows[i][column]))
+                chosen[i][name] = schema.low + bisect.bisect_right(bounds, float(rows[i][column]))
     for index, row in enumerate(rows):
         if not answer_level or not _present(row.get("first_sentences")):
             continue

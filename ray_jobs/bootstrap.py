@@ -41,7 +41,7 @@ from pydantic import Field
 
 from helpsteer_core.answers import pick_questions
 from helpsteer_core.apm import load_trained_attributes
-from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, STEERLM
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, STEERLM, LevelScale
 from helpsteer_core.bootstrap import (
     Selection,
     Target,
@@ -115,9 +115,25 @@ class BootstrapConfig(BootstrapSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-def round_2_settings(config: BootstrapConfig) -> train_sft_stage.TrainSFTSettings:
-    merged = merge_sections(merge_sections(config.round_1_sft, ROUND_2_SFT), config.sft)
+def round_2_settings(config: BootstrapConfig, scale: LevelScale) -> train_sft_stage.TrainSFTSettings:
+    """Round 1's AC-SFT settings, less what needs generate_answers' columns, with `config.sft` on
+    top; apm_quantile levels are placed by round 1's cut points (the chosen rows are few and were
+    chosen for their levels: ranking them again would shift what a level means)."""
+    fixed = {"quantile_cuts": {name: list(cuts) for name, cuts in scale.cuts.items()}} if scale.cuts else {}
+    merged = merge_sections(merge_sections(config.round_1_sft, {**ROUND_2_SFT, **fixed}), config.sft)
     return validate_config(train_sft_stage.TrainSFTSettings, merged, "bootstrap.sft")
+
+
+def level_scale(generator: Path) -> LevelScale:
+    """The round-1 model's levels, on which the APM's scores are compared with the targets."""
+    scale = LevelScale.read(generator, SCHEMA)
+    if scale is None:
+        raise ConfigError(
+            f"bootstrap: the model at {generator} learnt levels ranked within each prompt "
+            "(sft.quantile_scope: prompt), so no cut points place a new answer's APM scores on its "
+            "levels; bootstrap a model trained with quantile_scope: all, or on human or APM labels"
+        )
+    return scale
 
 
 def run(config: BootstrapConfig) -> dict[str, Any]:
@@ -128,7 +144,8 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
     untrained = [name for name in (*config.vary, config.highest_of) if name not in trained]
     if untrained and (config.selection == "highest" or set(untrained) & set(config.vary)):
         raise ConfigError(f"bootstrap: the APM at {apm} was not trained on {untrained}; it was on {trained}")
-    settings = round_2_settings(config)
+    scale = level_scale(generator)
+    settings = round_2_settings(config, scale)
     prompt_files = [resolve_path(f) for f in config.prompt_files]
     held_out = real_prompts(prompt_files, config.held_out) if prompt_files else []
     resolved = config.model_copy(
@@ -161,7 +178,9 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
             config.candidates,
             generator,
         )
-        sampled = _sample_and_score(resolved, str(generator), targets, config.candidates, out / "round-1")
+        sampled = _sample_and_score(
+            resolved, str(generator), targets, config.candidates, out / "round-1", scale
+        )
         chosen = choose(sampled["rows"], config.vary, config.selection, config.highest_of)
         _write_rows(chosen, out / "chosen" / "part-000000.parquet")
         log.info("bootstrap: %d chosen of %d scored candidates", len(chosen), len(sampled["rows"]))
@@ -192,6 +211,9 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
             "chosen": len(chosen),
             "selection": config.selection,
             "vary": config.vary,
+            # Where the APM's scores were compared with the targets: the round-1 model's levels (its
+            # attribute_levels.json cut points, per attribute) or the APM's own 0-4 scale.
+            "scale": {name: "levels" if name in scale.cuts else "apm" for name in config.vary},
             # How far the APM's scores of the training rows are from their targets: every candidate
             # against the chosen ones (what the choice bought).
             "training": {
@@ -208,11 +230,15 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
                 "prompts": len(held_out),
                 "prompt_files": [str(f) for f in prompt_files],
                 "round_1": mean_gaps(
-                    _sample_and_score(resolved, str(generator), probe, 1, out / "held-out-round-1")["rows"],
+                    _sample_and_score(resolved, str(generator), probe, 1, out / "held-out-round-1", scale)[
+                        "rows"
+                    ],
                     config.vary,
                 ),
                 "round_2": mean_gaps(
-                    _sample_and_score(resolved, str(out / "sft"), probe, 1, out / "held-out-round-2")["rows"],
+                    _sample_and_score(resolved, str(out / "sft"), probe, 1, out / "held-out-round-2", scale)[
+                        "rows"
+                    ],
                     config.vary,
                 ),
             }
@@ -226,10 +252,16 @@ def run(config: BootstrapConfig) -> dict[str, Any]:
 
 
 def _sample_and_score(
-    config: BootstrapConfig, model: str, targets: Sequence[Target], candidates: int, folder: Path
+    config: BootstrapConfig,
+    model: str,
+    targets: Sequence[Target],
+    candidates: int,
+    folder: Path,
+    scale: LevelScale,
 ) -> dict[str, Any]:
     """Answers by `model` to every target, `candidates` each, scored by the APM, with their
-    distance to the target: {"rows", "rejected"}. Resumes: a folder with `scored/` complete is read."""
+    distance to the target on `scale`: {"rows", "rejected"}. Resumes: a folder with `scored/`
+    complete is read."""
     done = folder / "sampled.json"
     if not done.is_file():
         requests = [
@@ -280,7 +312,7 @@ def _sample_and_score(
         )
         done.write_text(json.dumps({"candidates": len(rows), "rejected": len(rejects)}) + "\n")
     counts = json.loads(done.read_text())
-    scored = [scored_row(row, config.vary) for row in read_parquet_rows(folder / "scored")]
+    scored = [scored_row(row, config.vary, scale) for row in read_parquet_rows(folder / "scored")]
     return {"rows": scored, "rejected": counts["rejected"]}
 
 
@@ -302,7 +334,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"round 2: {report['round_2_sft']['steps']} AC-SFT steps.",
         "",
         "Mean |APM - requested| (per attribute) and mean Euclidean distance over "
-        f"{', '.join(vary)}; lower is closer to the request.",
+        f"{', '.join(vary)}; lower is closer to the request. " + _scale_sentence(report.get("scale", {})),
         "",
         f"| rows | n | distance | {' | '.join(vary)} |",
         f"|---|---|---|{'---|' * len(vary)}",
@@ -319,6 +351,16 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(row(f"held out ({held['prompts']} prompts): round 1", held["round_1"]))
         lines.append(row(f"held out ({held['prompts']} prompts): round 2", held["round_2"]))
     return "\n".join(lines) + "\n"
+
+
+def _scale_sentence(scale: dict[str, str]) -> str:
+    on_levels = [name for name, where in scale.items() if where == "levels"]
+    if not on_levels:
+        return "The APM's scores are compared on its own 0-4 scale."
+    return (
+        f"The APM's {', '.join(on_levels)} scores are first placed on the round-1 model's levels (the "
+        "cut points it was trained with, attribute_levels.json), so a level means what it meant in training."
+    )
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -49,7 +49,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import Field
 
-from helpsteer_core.attributes import STEERLM
+from helpsteer_core.attributes import LEVELS_FILE, STEERLM
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import SOURCE_COLUMN
@@ -114,9 +114,6 @@ log = logging.getLogger("helpsteer.train_sft")
 TRAINING_FILE = "training.json"  # in the exported folder: steps, rows a step, the stage's seconds
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
-# How apm_quantile's levels were made, beside the model: the scope, the answer-level attributes,
-# the cut points over all training rows (scope all) and the rows per level.
-LEVELS_FILE = "attribute_levels.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -143,6 +140,10 @@ class TrainSFTSettings(StrictModel):
     # length): ranked over whole answers, and each shorter version (answers.shorter) takes its
     # answer's level. Needs generate_answers' rows (`style`, `first_sentences`).
     answer_level: list[str] = []
+    # apm_quantile only: fixed cut points for the attributes named (4 ascending values each, the
+    # `cuts` of another model's attribute_levels.json) instead of ranking the training rows. The
+    # bootstrap round trains round 2 with round 1's, so a level means the same to both models.
+    quantile_cuts: dict[str, list[float]] = {}
     # Rows that appear several times an epoch (helpsteer_core.sft_data.RowRepeat), e.g. the
     # one-sentence versions of two registers: [{where: {style: [simple, expert], first_sentences:
     # [1]}, times: 8}]. Levels are ranked over the rows as read; repeats change only how often a
@@ -186,9 +187,13 @@ class TrainSFTSettings(StrictModel):
         self.deepspeed.check_device(self.use_gpu)
         for name, value in self.fixed_attributes.items():
             SCHEMA.check_value(name, value)
-        unknown = [name for name in self.answer_level if name not in SCHEMA.names]
+        unknown = [name for name in [*self.answer_level, *self.quantile_cuts] if name not in SCHEMA.names]
         if unknown:
-            raise ConfigError(f"answer_level: {unknown}; allowed: {', '.join(SCHEMA.names)}")
+            raise ConfigError(f"answer_level / quantile_cuts: {unknown}; allowed: {', '.join(SCHEMA.names)}")
+        count = SCHEMA.high - SCHEMA.low
+        for name, bounds in self.quantile_cuts.items():
+            if len(bounds) != count or bounds != sorted(bounds):
+                raise ConfigError(f"quantile_cuts.{name}: {bounds}; expected {count} ascending cut points")
         if self.attribute_source == {}:
             raise ConfigError(
                 "attribute_source: an empty mapping; name a source per data_source, or one for all"
@@ -238,10 +243,11 @@ class TrainSFTConfig(TrainSFTSettings):
 
 
 def identity_settings(settings: TrainSFTSettings, leave_out: Sequence[str]) -> dict[str, Any]:
-    """`result_settings` less the options that are off and came later (`lora` null, `repeat`
-    empty): a run that does not use them keeps the identity and cache key it had before."""
+    """`result_settings` less the options that are off and came later (`lora` null, `repeat` and
+    `quantile_cuts` empty): a run that does not use them keeps the identity and cache key it had
+    before."""
     kept = result_settings(settings, leave_out)
-    for key, off in (("lora", None), ("repeat", [])):
+    for key, off in (("lora", None), ("repeat", []), ("quantile_cuts", {})):
         if kept.get(key) == off:
             kept.pop(key, None)
     return kept
@@ -285,7 +291,13 @@ def row_levels(
     ranked = [i for i, source in enumerate(row_sources(settings, rows)) if source == "apm_quantile"]
     if not ranked:
         return None
-    found = apm_levels([rows[i] for i in ranked], SCHEMA, settings.quantile_scope, settings.answer_level)
+    found = apm_levels(
+        [rows[i] for i in ranked],
+        SCHEMA,
+        settings.quantile_scope,
+        settings.answer_level,
+        settings.quantile_cuts,
+    )
     levels: list[dict[str, int] | None] = [None] * len(rows)
     for index, own in zip(ranked, found, strict=True):
         levels[index] = own
@@ -306,10 +318,15 @@ def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
         for name in SCHEMA.names
         if any(name in own for own in levels)
     }
+    cuts = (
+        quantile_levels(ranked, SCHEMA) | config.quantile_cuts
+        if config.quantile_scope == "all"
+        else config.quantile_cuts or None
+    )
     return {
         "scope": config.quantile_scope,
         "answer_level": config.answer_level,
-        "cuts": quantile_levels(ranked, SCHEMA) if config.quantile_scope == "all" else None,
+        "cuts": cuts,
         "rows_per_level": counts,
     }
 

@@ -19,8 +19,10 @@ timeout and JSON errors. The Serve ingress (`serve.ingress`) passes clients back
 handles; tests and the benchmark can pass in-process ones.
 
 Best-of-n: the candidates' APM predictions are compared with the requested attributes on the
-attributes that are both requested and trained in the APM; the distance is Euclidean on the 0-4
-scale, and the closest candidates win (ties: the lower index).
+attributes that are both requested and trained in the APM, placed first on the generator's own
+levels (`LevelScale`: a model trained on the APM's predictions ranked into levels learnt level k
+from a band of predictions; `levels` in the answer); the distance is Euclidean on the 0-4 scale,
+and the closest candidates win (ties: the lower index).
 """
 
 from __future__ import annotations
@@ -236,7 +238,12 @@ class Frontend:
                 "logprobs": None,
             }
             if "distance" in item:
-                entry |= {"scores": item["scores"], "distance": item["distance"], "candidate": choice.index}
+                entry |= {
+                    "scores": item["scores"],
+                    "levels": item["levels"],
+                    "distance": item["distance"],
+                    "candidate": choice.index,
+                }
             body_choices.append(entry)
         return {
             "id": f"chatcmpl-{plan.job.request_id}",
@@ -304,10 +311,12 @@ class Frontend:
             )
         predictions = await apm.score(join_prompt_turns(plan.turns), [c.text for c in choices])
         ranked: list[dict[str, Any]] = []
+        scale = self.prompts.levels
         for choice, row in zip(choices, predictions, strict=True):
             scores = {name: round(row[SCHEMA.index(name)], 4) for name in apm.trained}
-            gap = distance({n: row[SCHEMA.index(n)] for n in compared}, plan.attributes, compared)
-            ranked.append({"choice": choice, "scores": scores, "distance": round(gap, 4)})
+            levels = scale.placed({n: row[SCHEMA.index(n)] for n in compared})
+            gap = distance(levels, plan.attributes, compared)
+            ranked.append({"choice": choice, "scores": scores, "levels": levels, "distance": round(gap, 4)})
         ranked.sort(key=lambda item: (item["distance"], item["choice"].index))
         return ranked, compared
 
@@ -336,6 +345,7 @@ class Frontend:
                 "text": item["choice"].text,
                 "finish_reason": item["choice"].finish_reason,
                 "scores": item["scores"],
+                "levels": item["levels"],
                 "distance": item["distance"],
             }
             for item in ranked
@@ -351,6 +361,7 @@ class Frontend:
             "compared_on": compared,
             "response": best["text"],
             "scores": best["scores"],
+            "levels": best["levels"],
             "distance": best["distance"],
             "candidates": candidates,
             "usage": _usage(plan, choices),

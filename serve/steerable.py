@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpsteer_core.attributes import STEERLM, load_and_check_schema
+from helpsteer_core.attributes import STEERLM, LevelScale, load_and_check_schema
 from helpsteer_core.conversation import Turn
 from helpsteer_core.generator import (
     SFT_CONFIG_FILE,
@@ -62,6 +62,9 @@ class SteerablePrompts:
     tokenizer: Any
     context: int  # tokens: the training max_length, or the model's positions if fewer
     stop_ids: tuple[int, ...]  # the trained end-of-turn marker
+    # Where the APM's scores fall on this model's levels (its apm_quantile cut points; none: the
+    # APM's own 0-4 scale, also for levels ranked within each prompt, which have no cut points).
+    levels: LevelScale = LevelScale()
 
     @classmethod
     def load(cls, folder: str | Path) -> SteerablePrompts:
@@ -74,7 +77,8 @@ class SteerablePrompts:
         prepare_tokenizer_for_template(tokenizer, None, config.template)
         positions = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
         context = min(config.max_length, int(positions)) if positions else config.max_length
-        return cls(folder, config, tokenizer, context, (end_of_turn_id(tokenizer, config.template),))
+        levels = LevelScale.read(folder, SCHEMA) or LevelScale()
+        return cls(folder, config, tokenizer, context, (end_of_turn_id(tokenizer, config.template),), levels)
 
     def prompt_ids(
         self,

@@ -3,13 +3,15 @@ and the choice. The stage itself runs in tests/test_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from helpsteer_core.attributes import DEFAULT_ATTRIBUTES
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, LEVELS_FILE, LevelScale
 from helpsteer_core.bootstrap import choose, distance, draw_targets, mean_gaps, scored_row
 from helpsteer_core.config import ConfigError
+from helpsteer_core.readers import SourceError
 
 DEFAULTS = DEFAULT_ATTRIBUTES["helpsteer2"]
 
@@ -65,6 +67,51 @@ def test_the_closest_candidate_per_target_is_chosen_ties_to_the_first():
     assert gaps["distance"] == pytest.approx((math.sqrt(0.5) + 1.0) / 2, abs=1e-4)
     assert mean_gaps([], ["verbosity"]) == {"rows": 0, "distance": None, "per_attribute": {}}
     assert distance({"verbosity": 1.0}, {"verbosity": 4}, ["verbosity"]) == 3.0
+
+
+def test_scores_are_compared_on_the_generators_levels_when_it_learnt_ranked_ones():
+    """A model trained on apm_quantile levels learnt level k from a band of APM predictions, so the
+    candidates' scores are placed on its levels before the distance: with the demo's cuts a
+    verbosity prediction of 2.4 is level 1 and 4.2 is level 4, whatever their distance to 4."""
+    scale = LevelScale({"verbosity": [2.05, 2.63, 3.42, 4.03], "complexity": [1.49, 1.88, 2.16, 2.45]})
+    row = {"target_id": 0, "target_verbosity": 4, "target_complexity": 0, "candidate": 0}
+    long_simple = scored_row(
+        {**row, "apm_verbosity": 4.2, "apm_complexity": 1.3}, ["verbosity", "complexity"], scale
+    )
+    assert (long_simple["level_verbosity"], long_simple["level_complexity"]) == (4.0, 0.0)
+    assert long_simple["distance"] == 0.0  # on the APM's own scale: |4.2-4|, |1.3-0| = 1.32
+    short = scored_row(
+        {**row, "candidate": 1, "apm_verbosity": 3.9, "apm_complexity": 0.4},
+        ["verbosity", "complexity"],
+        scale,
+    )
+    assert (short["level_verbosity"], short["level_complexity"]) == (3.0, 0.0) and short["distance"] == 1.0
+    # On the APM's scale the second would win (3.9, 0.4 is nearer 4, 0 than 4.2, 1.3); on levels, the first.
+    assert [
+        r["candidate"]
+        for r in choose([long_simple, short], ["verbosity", "complexity"], "closest", "quality")
+    ] == [0]
+    gaps = mean_gaps([long_simple, short], ["verbosity", "complexity"])
+    assert gaps["per_attribute"] == {"verbosity": 0.5, "complexity": 0.0}
+    # Without a scale (a model trained on human or rounded APM labels) the scores are the levels.
+    own = scored_row({**row, "apm_verbosity": 3.9, "apm_complexity": 0.4}, ["verbosity", "complexity"])
+    assert own["level_verbosity"] == 3.9 and own["distance"] == pytest.approx(math.hypot(0.1, 0.4), abs=1e-6)
+
+
+def test_a_models_scale_is_read_from_its_levels_file_and_levels_ranked_per_prompt_are_refused(tmp_path):
+    from ray_jobs.bootstrap import level_scale
+
+    assert LevelScale.read(tmp_path) == LevelScale()  # no file: trained on human or rounded APM labels
+    levels = tmp_path / LEVELS_FILE
+    levels.write_text(json.dumps({"scope": "all", "cuts": {"verbosity": [2.0, 2.6, 3.4, 4.0]}}))
+    assert level_scale(tmp_path).place("verbosity", 2.7) == 2.0
+    levels.write_text(json.dumps({"scope": "all", "cuts": {"verbosity": [2.0, 3.4, 2.6, 4.0]}}))
+    with pytest.raises(SourceError, match=f"{LEVELS_FILE}: cuts.verbosity: .* 4 ascending cut points"):
+        LevelScale.read(tmp_path)
+    levels.write_text(json.dumps({"scope": "prompt", "cuts": None}))
+    assert LevelScale.read(tmp_path) is None
+    with pytest.raises(ConfigError, match="levels ranked within each prompt .* quantile_scope: all"):
+        level_scale(tmp_path)
 
 
 def test_a_bootstrap_out_of_other_settings_is_refused_before_any_work(tmp_path):

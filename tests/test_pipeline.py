@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES
+from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES, LevelScale
 from helpsteer_core.config import load_config
 from helpsteer_core.oasst import OASST_ATTRIBUTES
 from ray_jobs.pipeline import RECORDS as RECORDS_FOLDER
@@ -309,6 +309,39 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert _stage_runs(runs) == [
         ["evaluate", "filter_data", "generate_answers", "relabel", "train_apm", "train_sft"]
     ]
+
+    # Bootstrapping this model, which learnt ranked levels: each candidate's APM scores are placed
+    # on its levels (its cut points) before the closest is chosen, and round 2 keeps those cuts.
+    section = (
+        "bootstrap={questions: 2, targets_per_question: 1, candidates: 2, max_new_tokens: 8, batch_size: 4, "
+        "held_out: 1, sft: {max_steps: 1, checkpoint_every: 1, micro_batch_size: 1, accumulation_steps: 1}}"
+    )
+    run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", [*overrides, section]))
+    out, scale, vary = runs / "bootstrapped", LevelScale.read(runs / "sft"), ("verbosity", "complexity")
+    assert scale is not None and scale.cuts["verbosity"] == cuts
+    scored = [
+        r
+        for f in sorted((out / "round-1" / "scored").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    chosen = pq.read_table(out / "chosen" / "part-000000.parquet").to_pylist()
+    assert len(chosen) == 2
+    for row in chosen:
+        mine = [r for r in scored if r["target_id"] == row["target_id"]]
+        on_levels = min(
+            mine,
+            key=lambda r: (
+                sum((scale.place(n, r[f"apm_{n}"]) - r[f"target_{n}"]) ** 2 for n in vary),
+                r["candidate"],
+            ),
+        )
+        assert row["candidate"] == on_levels["candidate"]
+        assert row["level_verbosity"] == scale.place("verbosity", row["apm_verbosity"]) in (0, 1, 2, 3, 4)
+    round_2 = json.loads((out / "sft" / "attribute_levels.json").read_text())
+    assert round_2["cuts"] == levels["cuts"]  # round 2's levels mean what round 1's did
+    report = json.loads((out / "report.json").read_text())
+    assert report["scale"] == {"verbosity": "levels", "complexity": "levels"}
+    assert "placed on the round-1 model's levels" in (out / "report.md").read_text()
 
 
 def test_a_missing_real_prompt_file_fails_before_any_stage_runs(tmp_path, capsys):

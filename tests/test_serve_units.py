@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from helpsteer_core.apm import APMConfig, AttributePredictionModel, predict, save_trained_attributes
-from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, LEVELS_FILE, STEERLM
 from helpsteer_core.config import ConfigError
 from helpsteer_core.conversation import Turn
 from helpsteer_core.sft_data import SFTDataConfig, generation_prompt_ids
@@ -297,7 +297,7 @@ class LengthAPM:
         return None
 
 
-def test_best_of_returns_the_candidate_closest_to_the_requested_attributes(prompts: SteerablePrompts):
+def _ranking_frontend(prompts: SteerablePrompts) -> Frontend:
     limits = LimitArgs(
         max_tokens=64,
         default_max_tokens=16,
@@ -306,9 +306,13 @@ def test_best_of_returns_the_candidate_closest_to_the_requested_attributes(promp
         max_body_bytes=10_000,
         request_timeout_s=5,
     )
-    frontend = Frontend(
+    return Frontend(
         Settings("helpsteer", "helpsteer2", 1.0, limits, None), prompts, WordsGenerator(), LengthAPM()
     )
+
+
+def test_best_of_returns_the_candidate_closest_to_the_requested_attributes(prompts: SteerablePrompts):
+    frontend = _ranking_frontend(prompts)
     messages = [{"role": "user", "content": "Say something."}]
     for verbosity in (1, 3):
         body = {"messages": messages, "attributes": {"verbosity": verbosity}, "best_of": 5, "n": 2}
@@ -325,6 +329,39 @@ def test_best_of_returns_the_candidate_closest_to_the_requested_attributes(promp
         steered["response"] == "word word word" and steered["distance"] == 1.0
     )  # 3 words is the closest of 1..3
     assert [c["index"] for c in steered["candidates"]] == [2, 1, 0]
+
+
+def test_best_of_compares_on_the_levels_of_a_generator_trained_on_ranked_apm_levels(
+    tiny_generator: Path, tmp_path: Path
+):
+    """A generator trained on apm_quantile levels learnt level k from a band of APM predictions
+    (its attribute_levels.json cut points): the APM's scores are placed on those levels before
+    they are compared with the request. Here verbosity is the word count and the cuts put 4 and 5
+    words at level 3, 6 words at level 4: asked for 4, the 6-word candidate is the closest."""
+    folder = make_sft_folder(tiny_generator, tmp_path / "sft")
+    levels = {
+        "scope": "all",
+        "answer_level": [],
+        "cuts": {"verbosity": [1.5, 2.5, 3.5, 5.5]},
+        "rows_per_level": {},
+    }
+    (folder / LEVELS_FILE).write_text(json.dumps(levels))
+    frontend = _ranking_frontend(SteerablePrompts.load(folder))
+    body = {"prompt": "Hi", "attributes": {"verbosity": 4}, "candidates": 7}
+    steered = asyncio.run(frontend.steer(json.dumps(body).encode()))
+    assert steered["response"] == " ".join(["word"] * 6) and steered["distance"] == 0.0
+    assert steered["scores"]["verbosity"] == 6.0 and steered["levels"]["verbosity"] == 4.0
+    four_words = next(c for c in steered["candidates"] if c["scores"]["verbosity"] == 4.0)
+    assert four_words["levels"]["verbosity"] == 3.0 and four_words["distance"] == 1.0
+    # A folder without cut points compares on the APM's own scale: 4 words is then exact.
+    plain = asyncio.run(
+        _ranking_frontend(SteerablePrompts.load(make_sft_folder(tiny_generator, tmp_path / "plain"))).steer(
+            json.dumps(body).encode()
+        )
+    )
+    assert plain["response"] == " ".join(["word"] * 4) and plain["levels"] == {
+        n: plain["scores"][n] for n in plain["compared_on"]
+    }
 
 
 def test_without_an_apm_scoring_is_404_and_best_of_is_400(prompts: SteerablePrompts):

@@ -398,6 +398,18 @@ def test_apm_quantile_ranks_bunched_predictions_into_five_equal_levels() -> None
         quantile_levels([{"verbosity": 2}])
 
 
+def test_fixed_cut_points_place_predictions_on_another_models_levels() -> None:
+    """Bootstrapping's round 2 labels its few chosen rows on round 1's scale: the attributes with
+    given cut points are placed by them (not ranked among these rows), the others ranked."""
+    rows = [
+        {"apm_verbosity": v, "apm_complexity": c}
+        for v, c in [(2.1, 1.0), (2.2, 2.0), (4.5, 3.0), (4.6, 4.0), (4.7, 5.0)]
+    ]
+    placed = apm_levels(rows, cuts={"verbosity": [2.05, 2.63, 3.42, 4.03]})
+    assert [lv["verbosity"] for lv in placed] == [1, 1, 4, 4, 4]  # ranked among them: 0, 1, 2, 3, 4
+    assert [lv["complexity"] for lv in placed] == [0, 1, 2, 3, 4]
+
+
 def _answers(prompt: str, complexity: list[float]) -> list[dict[str, Any]]:
     """One prompt's whole answers (one per style) and, per answer, a one-sentence version whose
     APM complexity reads lower than its answer's (as an APM that mixes length into it does)."""

@@ -368,6 +368,24 @@ def test_bf16_on_cpu_needs_zero_1_and_says_so(tmp_path, stage):
     assert TrainSFTConfig.model_validate(values | {"use_gpu": True}).deepspeed.precision == "bf16"
 
 
+def test_fixed_cut_points_are_checked_and_an_empty_set_keeps_the_old_run_identity(tmp_path):
+    from ray_jobs.train_sft import TRAINING_SPEED_ONLY, identity_settings
+
+    values = {"data": str(tmp_path), "out": str(tmp_path / "sft"), "attribute_source": "apm_quantile"}
+    with pytest.raises(
+        ValueError, match=r"quantile_cuts.verbosity: \[2.0, 1.0, 3.0, 4.0\]; expected 4 ascending"
+    ):
+        TrainSFTConfig.model_validate(values | {"quantile_cuts": {"verbosity": [2.0, 1.0, 3.0, 4.0]}})
+    with pytest.raises(ValueError, match=r"quantile_cuts: \['length'\]; allowed: quality"):
+        TrainSFTConfig.model_validate(values | {"quantile_cuts": {"length": [1.0, 2.0, 3.0, 4.0]}})
+    plain = identity_settings(TrainSFTConfig.model_validate(values), TRAINING_SPEED_ONLY)
+    assert "quantile_cuts" not in plain  # runs from before the option keep their identity
+    fixed = TrainSFTConfig.model_validate(values | {"quantile_cuts": {"verbosity": [1.0, 2.0, 3.0, 4.0]}})
+    assert identity_settings(fixed, TRAINING_SPEED_ONLY)["quantile_cuts"] == {
+        "verbosity": [1.0, 2.0, 3.0, 4.0]
+    }
+
+
 def test_bf16_with_zero_1_accumulates_gradients_in_fp32(tmp_path):
     """ZeRO-1 bf16 asks DeepSpeed for fp32 gradient accumulation, which selects its BF16_Optimizer."""
     config = TrainSFTConfig.model_validate(
