@@ -607,6 +607,10 @@ def export_model(engine: Any, tokenizer: Any, config: TrainSFTConfig, folder: Pa
     if config.lora is not None:
         module = export_lora(module, state, folder, dtype)  # the merged model; folder/adapter written
         state, exported = module.state_dict(), {"weights": "merged-lora", "adapter": ADAPTER_FOLDER}
+    # Training turned the KV cache off (model.config.use_cache = False); a LoRA merge rebuilds the
+    # model from that config, so its generation config says so too, and `generate` on the export
+    # would recompute every earlier position at every new token.
+    module.generation_config.use_cache = True
     module.save_pretrained(folder, state_dict=state)
     config_out = copy.deepcopy(module.config)  # save_pretrained records the training dtype
     config_out.dtype, config_out.use_cache = dtype, True

@@ -298,10 +298,10 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert len(cuts) == 4 and cuts == sorted(cuts)
     assert sum(levels["rows_per_level"]["verbosity"]) == len(answers)
     assert summary["train_sft"]["data"]["examples"] == len(answers)
-    # The profile's repeat rule: the child's and the specialist's one-sentence versions, 8x.
+    # The profile's repeat rule: the child's and the specialist's one-sentence versions, 4x.
     register = [r for r in answers if r["style"] in ("simple", "expert") and r["first_sentences"] == 1]
     assert summary["train_sft"]["data"]["repeated_rows"] == len(register)
-    assert summary["train_sft"]["data"]["repeated_examples"] == 7 * len(register)
+    assert summary["train_sft"]["data"]["repeated_examples"] == 3 * len(register)
     relevance = summary["evaluate"]["relevance"]
     assert set(relevance) >= {"tuned", "baseline", "relevance_ratio"}
     assert -1 <= relevance["tuned"]["mean_cosine"] <= 1

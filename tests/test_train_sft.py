@@ -304,8 +304,11 @@ def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_
     changed = {name for name in start if not torch.equal(start[name], merged[name])}
     targets = ("q_proj.weight", "v_proj.weight", "up_proj.weight", "down_proj.weight")
     assert changed and all(name.endswith(targets) for name in changed), changed
-    # evaluate and Serve load it as they load a full-model output, and it generates.
+    # evaluate and Serve load it as they load a full-model output, and it generates with the KV
+    # cache on (training turned it off, and the merged model was rebuilt from that config).
+    assert json.loads((out / "generation_config.json").read_text()).get("use_cache", True) is True
     model, tokenizer, stop_ids = load_steerable(str(out), setup["examples"])
+    assert model.generation_config.use_cache is True
     turns = [Turn("User", "Describe France in one sentence.")]
     prompt = generation_prompt_ids(turns, {"verbosity": 4}, tokenizer, SFTDataConfig(template="chat"))
     assert model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False).shape[1] > len(prompt)
