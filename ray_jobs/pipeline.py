@@ -302,8 +302,12 @@ class _Plan:
         inputs = json.dumps(self.inputs[stage], indent=2, sort_keys=True, default=str)
         record.with_suffix(".inputs.json").write_text(inputs + "\n")
         record.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if not link:
-            return
+        if link:
+            self.link(stage)
+
+    def link(self, stage: str) -> None:
+        """Point runs/<link> at this config's output of `stage` (also when it was complete already:
+        a config set back to earlier settings finds their outputs and links them again)."""
         link_path = self.runs / LINKS[stage]
         if link_path.is_symlink() or not link_path.exists():  # never replaces a real folder
             tmp = self.runs / f".{LINKS[stage]}.link"
@@ -468,6 +472,8 @@ def _step(
     if done is not None and not force:
         log.info("pipeline: %s is complete for this config (%s); skipped", label, plan.out(stage))
         mlflow.set_tag(f"skipped.{metric}", str(plan.out(stage)))
+        if variant is None:
+            plan.link(stage)
         return done, "skipped (complete)"
     changed = plan.changed(stage) if variant is None else []
     because = f" (changed: {', '.join(changed)})" if changed else ""

@@ -139,6 +139,12 @@ def test_second_run_skips_every_stage_and_a_changed_sft_setting_reruns_only_sft_
     assert changed["filter"] == again["filter"] and changed["train_apm"] == again["train_apm"]
     assert changed["train_sft"]["out"] != first["train_sft"]["out"]
     assert _loss_steps(runs) == [1, 2, 3]  # a new run under its own identity, not the old one resumed
+    assert (runs / "sft").resolve() == Path(changed["train_sft"]["out"]).resolve()
+
+    # Back to the first settings: nothing reruns, and runs/sft links the first settings' model again.
+    run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
+    assert _stage_runs(runs)[-1] == []
+    assert (runs / "sft").resolve() == Path(first["train_sft"]["out"]).resolve()
 
 
 def test_from_and_until_run_part_of_the_pipeline(first_run, capsys):
