@@ -174,6 +174,15 @@ def load_and_check_schema(directory: str | Path, expected: AttributeSchema) -> A
 LEVELS_FILE = "attribute_levels.json"
 
 
+def cut_points_problem(name: str, bounds: Sequence[float], schema: AttributeSchema = STEERLM) -> str | None:
+    """Why `bounds` are not cut points between `schema`'s levels for `name` (None when they are:
+    one fewer than the levels, ascending)."""
+    count = schema.high - schema.low
+    if len(bounds) != count or list(bounds) != sorted(bounds):
+        return f"{name}: {list(bounds)}; expected {count} ascending cut points"
+    return None
+
+
 @dataclass(frozen=True)
 class LevelScale:
     """Where the APM's predictions fall on a generator's attribute levels.
@@ -193,7 +202,7 @@ class LevelScale:
         bounds = self.cuts.get(name)
         if bounds is None:
             return float(score)
-        return float(self.schema.low + bisect.bisect_right(list(bounds), float(score)))
+        return float(self.schema.low + bisect.bisect_right(bounds, float(score)))
 
     def placed(self, scores: Mapping[str, float]) -> dict[str, float]:
         return {name: self.place(name, score) for name, score in scores.items()}
@@ -211,11 +220,11 @@ class LevelScale:
             raise SourceError(f"{path}: expected a mapping with `cuts` (train_sft's {LEVELS_FILE})")
         if recorded["cuts"] is None:
             return None
-        count = schema.high - schema.low
         for name, bounds in recorded["cuts"].items():
             schema.index(name)
-            if len(bounds) != count or list(bounds) != sorted(bounds):
-                raise SourceError(f"{path}: cuts.{name}: {bounds}; expected {count} ascending cut points")
+            problem = cut_points_problem(name, bounds, schema)
+            if problem:
+                raise SourceError(f"{path}: cuts.{problem}")
         return cls({name: [float(c) for c in bounds] for name, bounds in recorded["cuts"].items()}, schema)
 
 

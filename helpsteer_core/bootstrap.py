@@ -88,11 +88,11 @@ def choose(
 
 
 def scored_row(
-    row: Mapping[str, Any], names: Sequence[str], scale: LevelScale | None = None
+    row: Mapping[str, Any], names: Sequence[str], scale: LevelScale = LevelScale()
 ) -> dict[str, Any]:
     """`row` (a relabelled candidate) with its APM scores placed on the generator's levels
     (`level_<name>`; the APM's own scale without `scale`) and their `distance` to its target."""
-    placed = (scale or LevelScale()).placed({name: float(row[f"apm_{name}"]) for name in names})
+    placed = scale.placed({name: float(row[f"apm_{name}"]) for name in names})
     requested = {name: int(row[f"target_{name}"]) for name in names}
     return {
         **row,

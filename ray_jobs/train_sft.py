@@ -49,7 +49,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import Field
 
-from helpsteer_core.attributes import LEVELS_FILE, STEERLM
+from helpsteer_core.attributes import LEVELS_FILE, STEERLM, cut_points_problem
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import SOURCE_COLUMN
@@ -190,10 +190,10 @@ class TrainSFTSettings(StrictModel):
         unknown = [name for name in [*self.answer_level, *self.quantile_cuts] if name not in SCHEMA.names]
         if unknown:
             raise ConfigError(f"answer_level / quantile_cuts: {unknown}; allowed: {', '.join(SCHEMA.names)}")
-        count = SCHEMA.high - SCHEMA.low
         for name, bounds in self.quantile_cuts.items():
-            if len(bounds) != count or bounds != sorted(bounds):
-                raise ConfigError(f"quantile_cuts.{name}: {bounds}; expected {count} ascending cut points")
+            problem = cut_points_problem(name, bounds, SCHEMA)
+            if problem:
+                raise ConfigError(f"quantile_cuts.{problem}")
         if self.attribute_source == {}:
             raise ConfigError(
                 "attribute_source: an empty mapping; name a source per data_source, or one for all"
