@@ -79,6 +79,22 @@ def read_questions(source: Path) -> list[dict[str, Any]]:
     return questions
 
 
+def per_category(questions: list[dict[str, Any]], count: int | None) -> list[dict[str, Any]]:
+    """The first `count` questions of each category, in file order (None: every question). With
+    FastChat's file the subset keeps every kind of grading: math, reasoning and coding are judged
+    against reference answers, the other five without."""
+    if count is None:
+        return questions
+    seen: dict[Any, int] = {}
+    kept = []
+    for question in questions:
+        category = question.get("category")
+        if seen.get(category, 0) < count:
+            seen[category] = seen.get(category, 0) + 1
+            kept.append(question)
+    return kept
+
+
 def read_answers(source: Path) -> dict[Any, list[str]]:
     """question_id -> the answer's turns, from a FastChat answer file (model_answer/<model>.jsonl
     or reference_answer/gpt-4.jsonl): {"question_id", "choices": [{"turns": [str, ...]}], ...}."""

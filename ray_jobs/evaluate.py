@@ -12,7 +12,8 @@ generator and the baseline (by default the model it was fine-tuned from, read fr
 response is measured (words, Flesch-Kincaid grade, the APM's attributes) and the stage writes
 `responses.parquet`, `metrics.json`, one PNG per attribute and `report.md` to `out`, and logs them
 to MLflow. `mt_bench=FILE` also answers FastChat's MT-Bench questions (both turns) with the
-`mt_bench_attributes` and writes FastChat's `model_answer/<model_id>.jsonl` under `out/mt_bench`;
+`mt_bench_attributes` (`mt_bench_per_category=N`: the first N of each category) and writes
+FastChat's `model_answer/<model_id>.jsonl` under `out/mt_bench`;
 with `judge.enabled` an OpenAI-compatible judge then grades them there (`ray_jobs.judge`).
 
 `real_prompts=[FILE, ...]` adds real-style prompts (`helpsteer_core.prompt_files`): the first
@@ -46,6 +47,7 @@ from helpsteer_core.config import ConfigError, dump_config, resolve_path
 from helpsteer_core.conversation import parse_prompt_turns
 from helpsteer_core.generator import read_training_setup
 from helpsteer_core.model_sources import MINILM, resolve_model_path
+from helpsteer_core.mt_bench import per_category
 from helpsteer_core.mt_bench import read_questions as read_mt_bench
 from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
@@ -80,6 +82,8 @@ class EvaluateSettings(GenerationSettings):
     mt_bench: str | None = None  # FastChat question.jsonl, e.g. ../shared/data/mt_bench/question.jsonl
     mt_bench_attributes: dict[str, int] | None = None  # default: the `defaults` profile
     mt_bench_max_new_tokens: int = Field(512, ge=1)
+    # Only the first N questions of each category (None: all 80); 1 gives the eight categories.
+    mt_bench_per_category: int | None = Field(None, ge=1)
     # Judge the MT-Bench answers when written (ray_jobs.judge): off by default, as it needs an
     # endpoint (e.g. base_url, model and api_key_env of OpenAI's GPT-4, or a local server).
     judge: EvaluateJudge = EvaluateJudge()
@@ -496,7 +500,7 @@ def _mt_bench(
     defaults: dict[str, int],
 ) -> None:
     """FastChat `model_answer` files: both turns of every question, turn 2 after turn 1's answer."""
-    questions = read_mt_bench(resolve_path(config.mt_bench or ""))
+    questions = per_category(read_mt_bench(resolve_path(config.mt_bench or "")), config.mt_bench_per_category)
     attributes = config.mt_bench_attributes or defaults
     (out / "model_answer").mkdir(parents=True)
     for name, model in models.items():

@@ -1,7 +1,8 @@
 """The HTTP API: an OpenAI-compatible chat endpoint with attributes, scoring and best-of-n steering.
 
     POST /v1/chat/completions   OpenAI's body + `attributes` and `best_of`; `stream: true` is SSE
-    POST /v1/score              {prompt | messages, responses: [...]} -> the APM's attributes of each
+    POST /v1/score              {prompt | messages, responses: [...]} -> the APM's attributes of each,
+                                and `levels`: where they fall on this generator's levels
     POST /v1/steer              {prompt | messages, attributes, candidates} -> candidates ranked by
                                 their distance to the attributes (the closest first)
     POST /get_reward            OpenRLHF's remote reward model: {query: [...], prompts?: [...]} ->
@@ -378,10 +379,11 @@ class Frontend:
             )
         check_count("responses", len(request.responses), self.settings.limits.max_responses)
         predictions = await apm.score(join_prompt_turns(turns), request.responses)
-        data = [
-            {"index": i, "attributes": {name: round(row[SCHEMA.index(name)], 4) for name in apm.trained}}
-            for i, row in enumerate(predictions)
-        ]
+        data = []
+        for i, row in enumerate(predictions):
+            scores = {name: round(row[SCHEMA.index(name)], 4) for name in apm.trained}
+            # Where each score falls on this generator's levels (what a request's value means).
+            data.append({"index": i, "attributes": scores, "levels": self.prompts.levels.placed(scores)})
         return {
             "object": "list",
             "model": f"{self.settings.model_name}-apm",
@@ -451,6 +453,9 @@ class Frontend:
                 # What the model's attribute line carries (sft examples.condition_on): the others
                 # are accepted in requests and left out of the prompt, as in training.
                 "conditioned_on": self.prompts.config.condition_on or list(SCHEMA.names),
+                # The APM scores that bound each level of a model trained on ranked APM levels
+                # (attribute_levels.json); an attribute not listed is on the APM's own 0-4 scale.
+                "level_cuts": {name: list(cuts) for name, cuts in self.prompts.levels.cuts.items()},
             },
             "apm": None if self.apm is None else {"trained_attributes": self.apm.trained},
         }

@@ -90,9 +90,8 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
 ):
     extra = {}
     if MT_BENCH.is_file():
-        questions = tmp_path / "question.jsonl"
-        questions.write_text("\n".join(MT_BENCH.read_text().splitlines()[:2]) + "\n")
-        extra = {"mt_bench": str(questions), "mt_bench_max_new_tokens": 4}
+        # The demo's subset: the first question of each of FastChat's eight categories.
+        extra = {"mt_bench": str(MT_BENCH), "mt_bench_per_category": 1, "mt_bench_max_new_tokens": 4}
     extra |= {
         "real_prompts": _real_prompt_files(tmp_path),
         "real_relevance_prompts": 3,
@@ -169,7 +168,7 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
                 .read_text()
                 .splitlines()
             ]
-            assert [a["question_id"] for a in answers] == [81, 82]
+            assert [a["question_id"] for a in answers] == [81, 91, 101, 111, 121, 131, 141, 151]
             assert all(
                 len(a["choices"][0]["turns"]) == 2 and a["model_id"] == f"helpsteer-{name}" for a in answers
             )

@@ -27,6 +27,7 @@ from helpsteer_core.mt_bench import (
     RECORD_FIELDS,
     fill_prompt,
     parse_rating,
+    per_category,
     read_answers,
     read_judge_prompts,
     read_questions,
@@ -93,6 +94,18 @@ def test_prompts_are_filled_as_fastchat_fills_them() -> None:
         f"### User:\n{q101[0]}\n\n### Assistant A:\nOne.\n\n### User:\n{q101[1]}\n\n### Assistant A:\nTwo."
         "\n\n<|The End of Assistant A's Conversation with User|>"
     )
+
+
+def test_a_per_category_subset_keeps_every_category_and_every_grading() -> None:
+    questions = read_questions(QUESTIONS)
+    one = per_category(questions, 1)
+    assert [q["question_id"] for q in one] == [81, 91, 101, 111, 121, 131, 141, 151]
+    assert len({q["category"] for q in one}) == len({q["category"] for q in questions}) == 8
+    # Math, reasoning and coding are graded against GPT-4's references: all three are in the subset.
+    referenced = set(read_answers(REFERENCES))
+    assert {q["category"] for q in one if q["question_id"] in referenced} == {"math", "reasoning", "coding"}
+    assert [q["question_id"] for q in per_category(questions, 2)][:4] == [81, 82, 91, 92]
+    assert per_category(questions, None) == questions
 
 
 # --- a judge endpoint with canned replies ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """The steering playground (`GET /`) in a real headless Chromium, against the real Serve app of
 tests/test_serve.py (tiny generator, tiny APM, an API key): the page asks for the key, presets the
 profile's defaults, streams an answer at the slider values it shows, draws the APM's scores of
-that answer against the request, keeps the conversation across a reload, and does best-of-n.
+that answer, placed on the generator's levels, against the request, keeps the conversation across
+a reload, and does best-of-n.
 
 The browser is Debian's `chromium` (`apt-get install chromium`; .ci/run installs it), driven by
 Playwright through its executable path. Without one the tests skip, except in CI.
@@ -23,10 +24,12 @@ from helpsteer_core.attributes import DEFAULT_ATTRIBUTES
 pytestmark = pytest.mark.slow
 
 HELPSTEER2 = DEFAULT_ATTRIBUTES["helpsteer2"]
-# A drawn score row: its attribute, the APM's score, and where the requested value's tick sits.
+# A drawn score row: its attribute, the APM's score, the level it falls on, where the requested
+# value's tick sits, how wide the bar is, and the figures printed beside it.
 ROWS = (
-    "rows => rows.map(r => [r.dataset.attribute, Number(r.dataset.score), "
-    "r.querySelector('.tick')?.style.left])"
+    "rows => rows.map(r => [r.dataset.attribute, Number(r.dataset.score), Number(r.dataset.level), "
+    "r.querySelector('.tick')?.style.left, r.querySelector('.bar').style.width, "
+    "r.querySelector('.figures').textContent])"
 )
 
 
@@ -131,13 +134,17 @@ def test_the_playground_streams_an_answer_at_the_slider_values_and_draws_its_sco
     assert answer and len(shown) > 1, shown  # it grew on the page while it streamed
     assert all(answer.startswith(text) for text in shown)
 
-    # The drawn scores are the APM's scores of exactly that answer, against what was asked.
-    scored = served.post("/v1/score", {"messages": body["messages"], "responses": [answer]}).json()
-    expected = scored["data"][0]["attributes"]
+    # The drawn scores are the APM's scores of exactly that answer, against what was asked; the
+    # bars stand at their levels on the generator's scale (verbosity: level 2 by its cut points).
+    scored = served.post("/v1/score", {"messages": body["messages"], "responses": [answer]}).json()["data"][0]
     rows = page.eval_on_selector_all("#messages li.assistant .score-row", ROWS)
-    assert {name: score for name, score, _ in rows} == pytest.approx(expected)
-    ticks = {name: left for name, _, left in rows}
-    assert ticks["verbosity"] == "0%" and ticks["helpfulness"] == "100%"
+    assert {name: score for name, score, *_ in rows} == pytest.approx(scored["attributes"])
+    assert {name: level for name, _, level, *_ in rows} == pytest.approx(scored["levels"])
+    drawn = {name: (left, width, figures) for name, _, _, left, width, figures in rows}
+    assert drawn["verbosity"][0] == "0%" and drawn["helpfulness"][0] == "100%"
+    assert drawn["verbosity"][1] == "50%"  # level 2 of 0-4, wherever the raw score is
+    raw = scored["attributes"]["verbosity"]
+    assert drawn["verbosity"][2] == f"level 2 (APM {raw:.2f}) / 0"
 
     # The conversation and the key are the tab's: a reload shows both, and the next turn sends both.
     page.reload()
@@ -170,9 +177,9 @@ def test_best_of_n_asks_steer_and_shows_the_closest_candidate(page: Any, served:
     meta = page.inner_text("#messages li.assistant .meta")
     assert meta.startswith("best of 3, distance ")
     # The page shows the candidate /v1/steer ranked first: the distance it prints is the
-    # Euclidean distance of the scores it draws to the request.
+    # Euclidean distance of the levels it draws to the request.
     rows = page.eval_on_selector_all("#messages li.assistant .score-row", ROWS)
-    distance = sum((score - HELPSTEER2[name]) ** 2 for name, score, _ in rows) ** 0.5
+    distance = sum((level - HELPSTEER2[name]) ** 2 for name, _, level, *_ in rows) ** 0.5
     assert float(meta.split("distance ")[1].split(";")[0]) == pytest.approx(distance, abs=1e-3)
 
 

@@ -3,8 +3,9 @@ attributes, streaming, scoring, best-of-n steering, every bad input (status, mes
 request), the API key, the request timeout, a generator replica killed while requests are in
 flight, and both launchers (`serve run serve/config.yaml`, `helpsteer serve`).
 
-One module-scoped app: a tiny Llama trained-generator folder (2 Generator replicas), an untrained
-APM on a tiny BERT, an API key given to the ingress replica only through its environment.
+One module-scoped app: a tiny Llama trained-generator folder (2 Generator replicas) with verbosity
+cut points as an apm_quantile model has them, an untrained APM on a tiny BERT, an API key given to
+the ingress replica only through its environment.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import requests
 import yaml
 from test_serve_units import CONTEXT, make_apm_folder, make_sft_folder
 
-from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, STEERLM
+from helpsteer_core.attributes import DEFAULT_ATTRIBUTES, HELPSTEER_ATTRIBUTES, LEVELS_FILE, STEERLM
 from serve.app import CONFIG, AppArgs, bind_app, load_config
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,9 @@ KEY = secrets.token_hex(16)  # a throwaway key for this module's app, never writ
 MAX_TOKENS = 128
 BODY_LIMIT = 20_000
 HELPSTEER2 = DEFAULT_ATTRIBUTES["helpsteer2"]
+# The served generator's verbosity levels, as train_sft writes them for apm_quantile labels: the
+# untrained APM's scores (near 0) all fall on level 2, so levels and raw scores differ.
+VERBOSITY_CUTS = [-100.0, -50.0, 50.0, 100.0]
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ def served(
 
     root = tmp_path_factory.mktemp("serve")
     sft, apm = make_sft_folder(tiny_generator, root / "sft"), make_apm_folder(tiny_backbone, root / "apm")
+    levels = {"scope": "all", "answer_level": [], "cuts": {"verbosity": VERBOSITY_CUTS}, "rows_per_level": {}}
+    (sft / LEVELS_FILE).write_text(json.dumps(levels))
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
@@ -190,6 +196,13 @@ def test_score_returns_one_set_of_attributes_per_response(served: Served):
         "data"
     ][0]
     assert alone["attributes"] == pytest.approx(data[2]["attributes"], abs=1e-3)  # batching changes nothing
+    # Each score placed on the generator's levels: verbosity by its cut points, the rest as scored.
+    for d in data:
+        assert d["levels"] == {**d["attributes"], "verbosity": 2.0}
+        assert -50.0 < d["attributes"]["verbosity"] < 50.0
+    headers = {"Authorization": f"Bearer {KEY}"}
+    model = requests.get(f"{served.url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+    assert model["attributes"]["level_cuts"] == {"verbosity": VERBOSITY_CUTS}
 
 
 def test_get_reward_in_openrlhfs_shape_is_the_weighted_apm_attributes(served: Served):
@@ -233,7 +246,9 @@ def test_best_of_returns_the_candidate_closest_to_the_request(client: Any, serve
         "/v1/score", {"messages": USER, "responses": [c["text"] for c in candidates]}
     ).json()["data"]
     for candidate, again in zip(candidates, rescored, strict=True):
-        assert _distance(again["attributes"], wanted) == pytest.approx(candidate["distance"], abs=2e-3)
+        # The distance is on the generator's levels (verbosity placed by its cut points).
+        assert again["levels"] == pytest.approx(candidate["levels"], abs=1e-3)
+        assert _distance(again["levels"], wanted) == pytest.approx(candidate["distance"], abs=2e-3)
 
     response = client.chat.completions.create(
         model="helpsteer",
@@ -245,7 +260,7 @@ def test_best_of_returns_the_candidate_closest_to_the_request(client: Any, serve
     (best,) = response.choices
     assert response.model_extra["best_of"]["candidates"] == 4
     assert set(best.model_extra["scores"]) == set(HELPSTEER_ATTRIBUTES)
-    assert _distance(best.model_extra["scores"], wanted) == pytest.approx(
+    assert _distance(best.model_extra["levels"], wanted) == pytest.approx(
         best.model_extra["distance"], abs=2e-3
     )
 

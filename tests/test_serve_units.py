@@ -353,6 +353,14 @@ def test_best_of_compares_on_the_levels_of_a_generator_trained_on_ranked_apm_lev
     assert steered["scores"]["verbosity"] == 6.0 and steered["levels"]["verbosity"] == 4.0
     four_words = next(c for c in steered["candidates"] if c["scores"]["verbosity"] == 4.0)
     assert four_words["levels"]["verbosity"] == 3.0 and four_words["distance"] == 1.0
+    # /v1/score places its scores on the same levels, and /v1/models says which cut points.
+    scored = asyncio.run(
+        frontend.score(json.dumps({"prompt": "Hi", "responses": ["w " * 4, "w " * 6, "w"]}).encode())
+    )
+    assert [d["levels"]["verbosity"] for d in scored["data"]] == [3.0, 4.0, 0.0]
+    assert [d["attributes"]["verbosity"] for d in scored["data"]] == [4.0, 6.0, 1.0]
+    assert scored["data"][0]["levels"]["helpfulness"] == 4.0  # no cut points: the APM's own scale
+    assert frontend.models()["data"][0]["attributes"]["level_cuts"] == {"verbosity": [1.5, 2.5, 3.5, 5.5]}
     # A folder without cut points compares on the APM's own scale: 4 words is then exact.
     plain = asyncio.run(
         _ranking_frontend(SteerablePrompts.load(make_sft_folder(tiny_generator, tmp_path / "plain"))).steer(
@@ -362,6 +370,12 @@ def test_best_of_compares_on_the_levels_of_a_generator_trained_on_ranked_apm_lev
     assert plain["response"] == " ".join(["word"] * 4) and plain["levels"] == {
         n: plain["scores"][n] for n in plain["compared_on"]
     }
+    plain_scored = asyncio.run(
+        _ranking_frontend(SteerablePrompts.load(tmp_path / "plain")).score(
+            json.dumps({"prompt": "Hi", "responses": ["w " * 6]}).encode()
+        )
+    )["data"][0]
+    assert plain_scored["levels"] == plain_scored["attributes"]
 
 
 def test_without_an_apm_scoring_is_404_and_best_of_is_400(prompts: SteerablePrompts):

@@ -17,7 +17,7 @@ const state = {
   apm: [], // attributes the APM was trained on ([] without an APM)
   attributes: {}, // name -> value, or null when left out
   messages: [], // OpenAI messages of this conversation
-  replies: {}, // index of an assistant message -> {requested, scores, bestOf}
+  replies: {}, // index of an assistant message -> {requested, scores, levels, bestOf}
   busy: null, // AbortController of the request in flight
   connectedKey: null, // the API key the last successful /v1/models call was made with
 };
@@ -148,19 +148,25 @@ function drawScores(item, reply) {
   const rows = block.querySelector(".score-rows");
   const [low, high] = state.range;
   const at = (v) => `${(100 * (Math.min(Math.max(v, low), high) - low)) / (high - low)}%`;
+  // The bar is where the APM's score falls on the model's own levels (a model trained on ranked
+  // APM levels learnt level k from a band of scores, /v1/models `level_cuts`), which is what a
+  // slider value asks for; the raw score is printed beside it when the two differ.
+  const levels = reply.levels || reply.scores;
   for (const [name, score] of Object.entries(reply.scores)) {
     const want = reply.requested[name];
+    const level = levels[name] ?? score;
     const row = document.createElement("div");
     row.className = "score-row";
     row.dataset.attribute = name;
     row.dataset.score = String(score);
+    row.dataset.level = String(level);
     const label = document.createElement("span");
     label.textContent = name;
     const track = document.createElement("div");
     track.className = "track";
     const bar = document.createElement("div");
     bar.className = "bar";
-    bar.style.width = at(score);
+    bar.style.width = at(level);
     track.append(bar);
     if (want !== undefined && want !== null) {
       const tick = document.createElement("div");
@@ -171,7 +177,8 @@ function drawScores(item, reply) {
     }
     const figures = document.createElement("span");
     figures.className = "figures";
-    figures.textContent = `${score.toFixed(2)}${want === undefined || want === null ? "" : ` / ${want}`}`;
+    const shown = level === score ? score.toFixed(2) : `level ${level} (APM ${score.toFixed(2)})`;
+    figures.textContent = `${shown}${want === undefined || want === null ? "" : ` / ${want}`}`;
     row.append(label, track, figures);
     rows.append(row);
   }
@@ -276,7 +283,13 @@ async function bestOf(history, attributes, text, signal) {
   text.textContent = body.response;
   return {
     answer: body.response,
-    reply: { requested: attributes, scores: body.scores, bestOf: candidates, distance: body.distance },
+    reply: {
+      requested: attributes,
+      scores: body.scores,
+      levels: body.levels,
+      bestOf: candidates,
+      distance: body.distance,
+    },
   };
 }
 
@@ -284,7 +297,7 @@ async function scoreOf(history, answer, signal) {
   if (!state.apm.length || !answer) return null;
   const response = await call("v1/score", { messages: history, responses: [answer] }, signal);
   const body = await response.json();
-  return body.data[0].attributes;
+  return { scores: body.data[0].attributes, levels: body.data[0].levels };
 }
 
 async function ask(prompt) {
@@ -304,7 +317,7 @@ async function ask(prompt) {
     const { answer, reply } = await asked(history, attributes, text, controller.signal);
     if (!reply.scores) {
       status("scoring the answer with the APM...");
-      reply.scores = await scoreOf(history, answer, controller.signal);
+      Object.assign(reply, await scoreOf(history, answer, controller.signal));
     }
     state.messages = [...history, { role: "assistant", content: answer }];
     state.replies[history.length] = reply;
