@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,12 @@ def source_fingerprint(source: str, split: str = "train", cached: bool = False) 
     if local.exists():
         return f"sha256:{path_fingerprint(local, cached)}"
     return f"{source}@{code_version()}"
+
+
+def without_off(settings: dict[str, Any], off: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` less the options that are at their `off` value: an option added later leaves
+    the cache key and run identity of a run that does not use it as they were."""
+    return {key: value for key, value in settings.items() if key not in off or value != off[key]}
 
 
 def result_settings(settings: BaseModel, speed_only: Iterable[str]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from helpsteer_core.fingerprints import (
     result_settings,
     settings_key,
     source_fingerprint,
+    without_off,
 )
 from helpsteer_core.outputs import TRAINING_SPEED_ONLY
 from helpsteer_core.prompt_files import read_prompt_file
@@ -73,6 +74,7 @@ from ray_jobs.tracking import TrackingConfig, TrackingSettings, stage_run
 log = logging.getLogger("helpsteer.pipeline")
 STAGES = ("filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate", "bootstrap")
 Stage = Literal["filter", "train_apm", "generate_answers", "relabel", "train_sft", "evaluate", "bootstrap"]
+EARLY = ("filter", "train_apm", "generate_answers", "relabel")  # a variant shares these
 LATE = ("train_sft", "evaluate", "bootstrap")  # keyed once relabel's output is complete
 RECORDS = ".pipeline"
 # runs_dir/<link> -> the current output of each stage (the paths the stage configs default to).
@@ -181,10 +183,19 @@ class _Plan:
     known once relabel's output is.
     """
 
-    def __init__(self, config: PipelineConfig, runs: Path, data: Data) -> None:
+    def __init__(
+        self, config: PipelineConfig, runs: Path, data: Data | None, shared: _Plan | None = None
+    ) -> None:
+        """`shared`: the main run's plan, whose stages before train_sft a variant's plan takes as
+        they are (its sft changes may touch what those keys read, e.g. the examples the untuned
+        generator was prompted with, but a variant trains on the main run's relabelled rows)."""
         self.config, self.runs = config, runs
         self.answers = config.answers is not None
         self.inputs: dict[str, dict[str, Any]] = {}
+        if shared is not None:
+            self.inputs = {stage: shared.inputs[stage] for stage in EARLY if stage in shared.inputs}
+            return
+        assert data is not None, "a plan of its own needs the data it filters"
         code = code_version()
         self.inputs["filter"] = {
             "data": _data_fingerprint(data, config.filter.hf_split),
@@ -249,7 +260,10 @@ class _Plan:
             "filter": self.key("filter"),  # the validation split it measures on
             "prompt_files": {name: source_fingerprint(name) for name in prompt_files},
             # The judge's settings change no generated answer (and judging resumes in place).
-            "settings": result_settings(config.evaluate, (*GENERATION_SPEED_ONLY, "judge")),
+            "settings": without_off(
+                result_settings(config.evaluate, (*GENERATION_SPEED_ONLY, "judge")),
+                {"mt_bench_per_category": None},
+            ),
             "code": code,
         }
 
@@ -450,7 +464,7 @@ def run(config: PipelineConfig, on_stage: Callable[[str], None] | None = None) -
             summary[stage], status[stage] = _step(stage, plan, stages[stage], config.force, on_stage)
         outputs = {stage: plan.out(stage) for stage in summary}
         if config.variants and last >= STAGES.index("evaluate"):
-            outputs |= _variants(config, plan, data, tracking, summary, status)
+            outputs |= _variants(config, plan, tracking, summary, status)
         mlflow.log_dict(summary, "pipeline_summary.json")
     _print_summary(summary, status, outputs, plan.runs)
     return summary
@@ -487,6 +501,12 @@ def _step(
     return summary, f"ran{because}"
 
 
+def variant_plan(config: PipelineConfig, index: int, plan: _Plan) -> tuple[PipelineConfig, _Plan]:
+    """`config.variants[index]`'s config and plan: every stage before train_sft is `plan`'s."""
+    own = variant_config(config, index)
+    return own, _Plan(own, plan.runs, None, shared=plan)
+
+
 def variant_config(config: PipelineConfig, index: int) -> PipelineConfig:
     """The pipeline config of `config.variants[index]`: its sft changes applied, no variants."""
     variant = config.variants[index]
@@ -501,7 +521,6 @@ def variant_config(config: PipelineConfig, index: int) -> PipelineConfig:
 def _variants(
     config: PipelineConfig,
     plan: _Plan,
-    data: Data,
     tracking: TrackingConfig,
     summary: dict[str, Any],
     status: dict[str, str],
@@ -511,8 +530,7 @@ def _variants(
     outputs: dict[str, Path] = {}
     evaluations = [plan.out("evaluate")]
     for index, variant in enumerate(config.variants):
-        own = variant_config(config, index)
-        own_plan = _Plan(own, plan.runs, data)
+        own, own_plan = variant_plan(config, index, plan)
         for stage, run_stage in (("train_sft", _train_sft), ("evaluate", _evaluate)):
             label = f"{stage} [{variant.name}]"
             call = partial(run_stage, own, own_plan, tracking)

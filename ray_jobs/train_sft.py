@@ -53,7 +53,7 @@ from helpsteer_core.attributes import LEVELS_FILE, STEERLM, cut_points_problem
 from helpsteer_core.batching import deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import SOURCE_COLUMN
-from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
+from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings, without_off
 from helpsteer_core.generator import (
     SMOLLM2,
     keeps_logits,
@@ -246,11 +246,9 @@ def identity_settings(settings: TrainSFTSettings, leave_out: Sequence[str]) -> d
     """`result_settings` less the options that are off and came later (`lora` null, `repeat` and
     `quantile_cuts` empty): a run that does not use them keeps the identity and cache key it had
     before."""
-    kept = result_settings(settings, leave_out)
-    for key, off in (("lora", None), ("repeat", []), ("quantile_cuts", {})):
-        if kept.get(key) == off:
-            kept.pop(key, None)
-    return kept
+    return without_off(
+        result_settings(settings, leave_out), {"lora": None, "repeat": [], "quantile_cuts": {}}
+    )
 
 
 def run_identity(config: TrainSFTConfig) -> dict[str, Any]:

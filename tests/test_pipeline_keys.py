@@ -15,7 +15,7 @@ import pytest
 from helpsteer_core.attributes import HELPSTEER_ATTRIBUTES
 from helpsteer_core.config import load_config
 from helpsteer_core.synthetic import write_synthetic
-from ray_jobs.pipeline import STAGES, PipelineConfig, _Plan
+from ray_jobs.pipeline import STAGES, PipelineConfig, _Plan, variant_plan
 
 REPO = Path(__file__).resolve().parents[1]
 # SFT on the filter's rows (no `answers:`): the shape where relabel labels the training split.
@@ -133,3 +133,23 @@ def test_inputs_are_recorded_beside_the_stage_record(tmp_path, data):
     inputs = json.loads(plan.record("filter").with_suffix(".inputs.json").read_text())
     assert set(inputs) == {"data", "settings", "code"}
     assert inputs["data"].startswith("sha256:") and "batch_size" not in inputs["settings"]
+
+
+def test_a_variant_shares_every_key_before_train_sft_whatever_its_sft_changes(tmp_path, data):
+    """A variant shares every stage before train_sft with the main run (its docstring's promise),
+    also when its sft section changes what the untuned generator's answers were keyed on (the
+    examples' condition_on, the generator): it trains on the main run's relabelled answers."""
+    runs = tmp_path / "runs"
+    ablation = (
+        "variants=[{name: no-verbosity, sft: {examples: "
+        "{condition_on: [helpfulness, correctness, coherence, complexity]}}}]"
+    )
+    # The profile's answers on: the answers' key reads the sft section's examples.
+    config = load_config(
+        PipelineConfig, REPO / "configs" / "local.yaml", [f"runs_dir={runs}", "data=null", ablation]
+    )
+    main = _Plan(config, runs, str(data))
+    variant, own = variant_plan(config, 0, main)
+    assert variant.sft.examples.condition_on == ["helpfulness", "correctness", "coherence", "complexity"]
+    for stage in ("filter", "train_apm", "generate_answers", "relabel"):
+        assert own.out(stage) == main.out(stage), stage
