@@ -88,3 +88,37 @@ def describe(encoder: str = ENCODER) -> str:
 
 
 __all__ = ["ENCODER", "MAX_TOKENS", "describe", "embed", "relevance"]
+
+
+def ratio_interval(
+    tuned: Sequence[float],
+    baseline: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of mean(tuned) / mean(baseline) over prompts, each prompt's
+    pair of relevances resampled together (scipy.stats.bootstrap, paired, seeded). With one sampled
+    answer per prompt and model, the interval carries both the prompts' spread and the sampling's:
+    two evaluations of the same model differing only in their sampling can differ by ~0.1."""
+    from scipy import stats
+
+    if len(tuned) != len(baseline) or len(tuned) < 2:
+        raise ValueError(
+            f"relevance ratio: {len(tuned)} tuned and {len(baseline)} baseline scores; need 2+ pairs"
+        )
+
+    def ratio(t: Any, b: Any, axis: int = -1) -> Any:
+        return t.mean(axis=axis) / b.mean(axis=axis)
+
+    found = stats.bootstrap(
+        (list(tuned), list(baseline)),
+        ratio,
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=resamples,
+        method="percentile",
+        rng=seed,
+    )
+    return float(found.confidence_interval.low), float(found.confidence_interval.high)

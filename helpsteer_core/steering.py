@@ -250,10 +250,15 @@ def render_real_section(
                 f"{row['ended_on_own']}/{row['answers']} |"
             )
     if "relevance_ratio" in relevance:
-        lines += [
-            "",
-            f"Relevance of the tuned model relative to the baseline: {relevance['relevance_ratio']:.2f}x.",
-        ]
+        interval = relevance.get("relevance_ratio_interval")
+        spread = (
+            f" (95% interval {interval[0]:.2f}-{interval[1]:.2f}: the prompts resampled in pairs, "
+            "each answered once, so the interval holds the sampling's spread too)"
+            if interval
+            else ""
+        )
+        ratio = relevance["relevance_ratio"]
+        lines += ["", f"Relevance of the tuned model relative to the baseline: {ratio:.2f}x{spread}."]
     lines += ["", f"Relevance is the {relevance_note}.", ""]
     if results:
         lines += ["### Attribute sweeps on real prompts", ""]

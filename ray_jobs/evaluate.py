@@ -53,6 +53,7 @@ from helpsteer_core.outputs import prepare_output, publish
 from helpsteer_core.prompt_files import read_prompt_file, real_prompts
 from helpsteer_core.readers import read_parquet_rows
 from helpsteer_core.relevance import describe as describe_relevance
+from helpsteer_core.relevance import ratio_interval
 from helpsteer_core.relevance import relevance as relevance_scores
 from helpsteer_core.steering import (
     measure,
@@ -419,6 +420,13 @@ def _relevance(records: list[dict[str, Any]], defaults: dict[str, int], encoder:
         summary["relevance_ratio"] = round(
             summary["tuned"]["mean_cosine"] / summary["baseline"]["mean_cosine"], 4
         )
+        by_prompt = {(r["model"], r["prompt_id"]): r["relevance"] for r in firsts}
+        paired = [p for m, p in by_prompt if m == "tuned" and ("baseline", p) in by_prompt]
+        if len(paired) >= 2:
+            interval = ratio_interval(
+                [by_prompt["tuned", p] for p in paired], [by_prompt["baseline", p] for p in paired]
+            )
+            summary["relevance_ratio_interval"] = [round(bound, 4) for bound in interval]
     log.info("evaluate: relevance %s", summary)
     return summary
 

@@ -745,9 +745,19 @@ def _result(stage: str, result: dict[str, Any]) -> str:
     if "tuned" in relevance:
         against = (
             f" / untuned {relevance['baseline']['mean_cosine']:.2f}" if "baseline" in relevance else ""
-        ) + (f" ({relevance['relevance_ratio']:.2f}x)" if "relevance_ratio" in relevance else "")
+        ) + (
+            f" ({relevance['relevance_ratio']:.2f}x{_interval(relevance)})"
+            if "relevance_ratio" in relevance
+            else ""
+        )
         parts.append(f"relevance tuned {relevance['tuned']['mean_cosine']:.2f}{against}")
     return text + (f"; real prompts: {'; '.join(parts)}" if parts else "")
+
+
+def _interval(relevance: dict[str, Any]) -> str:
+    """`, 95% 0.70-0.93`: the ratio's interval over the prompts, when the evaluation has one."""
+    interval = relevance.get("relevance_ratio_interval")
+    return f", 95% {interval[0]:.2f}-{interval[1]:.2f}" if interval else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

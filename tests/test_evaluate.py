@@ -141,6 +141,9 @@ def test_sweeps_are_answered_measured_and_reported_against_the_baseline(
     # The baseline is the same tiny model, decoded greedily: the same answers, the same relevance.
     assert relevance["tuned"]["mean_cosine"] == pytest.approx(relevance["baseline"]["mean_cosine"])
     assert relevance.get("relevance_ratio", 1.0) == pytest.approx(1.0)
+    if "relevance_ratio" in relevance:  # paired: the same answers leave the ratio no spread
+        assert relevance["relevance_ratio_interval"] == pytest.approx([1.0, 1.0])
+        assert "1.00x (95% interval 1.00-1.00" in report
     assert result["real_results"]["tuned"]["verbosity"][0]["prompts"] == 2
     assert set(result["real_steerability"]["baseline"]["verbosity"]) == {"words", "apm_verbosity"}
     assert "## Real-style prompts" in report and "| tuned | " in report.split("## Real-style prompts")[1]

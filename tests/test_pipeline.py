@@ -278,6 +278,7 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "evaluate.max_new_tokens=8",
         "evaluate.real_relevance_prompts=2",
         "evaluate.real_attribute_prompts={verbosity: 1}",
+        "evaluate.mt_bench_max_new_tokens=4",
     ]
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
     sources = summary["filter"]["sources"]
@@ -311,6 +312,16 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     relevance = summary["evaluate"]["relevance"]
     assert set(relevance) >= {"tuned", "baseline", "relevance_ratio"}
     assert -1 <= relevance["tuned"]["mean_cosine"] <= 1
+    low, high = relevance["relevance_ratio_interval"]
+    assert low <= relevance["relevance_ratio"] <= high
+    # The profile answers the first MT-Bench question of each category, both turns, for `helpsteer judge`.
+    for model in ("tuned", "baseline"):
+        lines = (
+            (runs / "eval" / "mt_bench" / "model_answer" / f"helpsteer-{model}.jsonl")
+            .read_text()
+            .splitlines()
+        )
+        assert [json.loads(line)["question_id"] for line in lines] == [81, 91, 101, 111, 121, 131, 141, 151]
     assert "## Real-style prompts" in (runs / "eval" / "report.md").read_text()
     assert _stage_runs(runs) == [
         ["evaluate", "filter_data", "generate_answers", "relabel", "train_apm", "train_sft"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpsteer_core.relevance import ENCODER, MAX_TOKENS, describe, embed, relevance
+from helpsteer_core.relevance import ENCODER, MAX_TOKENS, describe, embed, ratio_interval, relevance
 
 pytestmark = pytest.mark.slow  # runs the packaged encoder (a few seconds on CPU)
 
@@ -51,3 +51,21 @@ def test_embeddings_are_unit_vectors_and_long_texts_are_truncated() -> None:
 def test_mismatched_lengths_are_an_error() -> None:
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         relevance([SEASONS, SEASONS], [ON_TOPIC])
+
+
+def test_the_ratio_interval_resamples_prompts_in_pairs() -> None:
+    """The tuned/untuned relevance ratio is a mean over a few prompts, each answered once: its 95%
+    interval resamples the prompts, the same ones for both models (a prompt that is hard for both
+    moves both means)."""
+    baseline = [0.2, 0.8, 0.3, 0.7, 0.5, 0.6, 0.4, 0.9, 0.35, 0.65]
+    same = ratio_interval(baseline, baseline)
+    assert same == pytest.approx((1.0, 1.0))  # paired: identical answers leave no doubt
+    tuned = [
+        b * f for b, f in zip(baseline, [0.7, 1.1, 0.8, 1.0, 0.9, 1.2, 0.75, 0.95, 1.05, 0.85], strict=True)
+    ]
+    low, high = ratio_interval(tuned, baseline)
+    point = sum(tuned) / sum(baseline)
+    assert low < point < high and 0.8 < low and high < 1.05
+    assert ratio_interval(tuned, baseline) == (low, high)  # seeded
+    with pytest.raises(ValueError, match="pairs"):
+        ratio_interval(tuned, baseline[:-1])
