@@ -78,6 +78,7 @@ def _tiny_pipeline(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> lis
         "evaluate.attribute_prompts={}",
         "evaluate.attributes=[verbosity]",
         "evaluate.max_new_tokens=8",
+        "evaluate.mt_bench_max_new_tokens=4",
         "evaluate.real_relevance_prompts=2",
         "evaluate.real_attribute_prompts={verbosity: 1}",
     ]

@@ -42,6 +42,7 @@ def _overrides(runs: Path, tiny_backbone: Path, tiny_generator: Path) -> list[st
         "evaluate.attribute_prompts={}",
         "evaluate.attributes=[verbosity, complexity]",
         "evaluate.max_new_tokens=8",
+        "evaluate.mt_bench_max_new_tokens=4",
         "evaluate.real_relevance_prompts=2",
         "evaluate.real_attribute_prompts={verbosity: 2}",
     ]
@@ -276,9 +277,9 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "evaluate.prompts=1",
         "evaluate.attributes=[verbosity]",
         "evaluate.max_new_tokens=8",
+        "evaluate.mt_bench_max_new_tokens=4",
         "evaluate.real_relevance_prompts=2",
         "evaluate.real_attribute_prompts={verbosity: 1}",
-        "evaluate.mt_bench_max_new_tokens=4",
     ]
     summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
     sources = summary["filter"]["sources"]
