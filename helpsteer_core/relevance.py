@@ -87,9 +87,6 @@ def describe(encoder: str = ENCODER) -> str:
     )
 
 
-__all__ = ["ENCODER", "MAX_TOKENS", "describe", "embed", "relevance"]
-
-
 def ratio_interval(
     tuned: Sequence[float],
     baseline: Sequence[float],
@@ -122,3 +119,6 @@ def ratio_interval(
         rng=seed,
     )
     return float(found.confidence_interval.low), float(found.confidence_interval.high)
+
+
+__all__ = ["ENCODER", "MAX_TOKENS", "describe", "embed", "ratio_interval", "relevance"]
