@@ -6,7 +6,9 @@ trained on one set of attributes is never silently used with another.
 
 The attribute string is what SteerLM puts after `<extra_id_2>` in the prompt:
 `helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2`. `format_attributes` and
-`parse_attributes` are the only code that writes or reads it.
+`parse_attributes` are the only code that writes or reads it. A generator may be trained with some
+levels said in words (`format_attributes(..., words=...)`, `sft.examples.level_words`):
+`complexity:very simple` in place of `complexity:0`; such a line is written, never parsed back.
 """
 
 from __future__ import annotations
@@ -228,10 +230,15 @@ class LevelScale:
         return cls({name: [float(c) for c in bounds] for name, bounds in recorded["cuts"].items()}, schema)
 
 
-def format_attributes(values: Mapping[str, int | None], schema: AttributeSchema = STEERLM) -> str:
+def format_attributes(
+    values: Mapping[str, int | None],
+    schema: AttributeSchema = STEERLM,
+    words: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     """`{"verbosity": 2, "helpfulness": 4}` -> `helpfulness:4,verbosity:2` (schema order).
 
-    Attributes that are missing or None are left out; every value is checked, never clamped.
+    Attributes that are missing or None are left out; every value is checked, never clamped. An
+    attribute in `words` is written as the word for its level (`words[name][value - schema.low]`).
     """
     for name in values:
         schema.index(name)
@@ -239,8 +246,25 @@ def format_attributes(values: Mapping[str, int | None], schema: AttributeSchema 
     for name in schema.names:
         value = values.get(name)
         if value is not None:
-            parts.append(f"{name}:{schema.check_value(name, value)}")
+            level = schema.check_value(name, value)
+            shown = words[name][level - schema.low] if words and name in words else level
+            parts.append(f"{name}:{shown}")
     return ",".join(parts)
+
+
+def level_words_problem(name: str, words: Sequence[str], schema: AttributeSchema = STEERLM) -> str | None:
+    """Why `words` cannot name the levels of attribute `name` in an attribute line, or None."""
+    if name not in schema.names:
+        return f"{name}: unknown attribute; allowed: {', '.join(schema.names)}"
+    count = schema.high - schema.low + 1
+    if len(words) != count:
+        return f"{name}: {len(words)} words; one per level {schema.low}..{schema.high} ({count}) is needed"
+    for word in words:
+        if not word.strip() or word != word.strip() or re.search(r"[,:\n]", word):
+            return f"{name}: {word!r} is not a word for a level (non-empty, no comma, colon or newline)"
+    if len(set(words)) < len(words):
+        return f"{name}: the words {list(words)} name two levels alike"
+    return None
 
 
 def parse_attributes(text: str, schema: AttributeSchema = STEERLM) -> dict[str, int]:

@@ -61,10 +61,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 from torch import Tensor
 
-from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes
+from helpsteer_core.attributes import STEERLM, AttributeSchema, format_attributes, level_words_problem
 from helpsteer_core.config import ConfigError, StrictModel
 from helpsteer_core.conversation import (
     LABEL_TOKEN,
@@ -116,6 +116,39 @@ class SFTDataConfig(StrictModel):
         if len(set(names)) < len(names):
             raise ValueError(f"names an attribute twice: {names}")
         return [name for name in STEERLM.names if name in names]  # schema order, as rendered
+
+    # Levels said in words on the attribute line (template chat only), e.g. complexity: [very simple,
+    # simple, moderate, advanced, expert] renders `complexity:very simple` for level 0: a form the
+    # pretrained model already reads, where a digit among constant ones is learnt only after epochs
+    # (docs/results.md). Applies in training and at inference alike; None: digits.
+    level_words: dict[str, list[str]] | None = None
+
+    @field_validator("level_words")
+    @classmethod
+    def _words_per_level(cls, words: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for name, names in (words or {}).items():
+            problem = level_words_problem(name, names, STEERLM)
+            if problem:
+                raise ValueError(problem)
+        return words or None
+
+    @model_validator(mode="after")
+    def _words_need_the_chat_template(self) -> SFTDataConfig:
+        if self.level_words and self.template != "chat":
+            raise ValueError(
+                f"level_words needs template 'chat' (the attribute line of template {self.template!r} "
+                "is NeMo's digits)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # level_words came later: unset, it stays out of the dump, so the cache keys and run
+        # identities that read this section (answers, train_sft, evaluate) are the ones they were.
+        dump: dict[str, Any] = handler(self)
+        if self.level_words is None:
+            dump.pop("level_words", None)
+        return dump
 
 
 @dataclass
@@ -220,11 +253,17 @@ def _render_nemo(conversation: Conversation, schema: AttributeSchema) -> _Render
     return _Rendered(context, header, response[0])
 
 
-def _chat_attribute_line(attributes: Mapping[str, int] | None, schema: AttributeSchema) -> str:
-    return "" if attributes is None else f"{CHAT_ATTRIBUTE_PREFIX}{format_attributes(attributes, schema)}\n"
+def _chat_attribute_line(
+    attributes: Mapping[str, int] | None, schema: AttributeSchema, words: Mapping[str, Sequence[str]] | None
+) -> str:
+    if attributes is None:
+        return ""
+    return f"{CHAT_ATTRIBUTE_PREFIX}{format_attributes(attributes, schema, words)}\n"
 
 
-def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSchema) -> _Rendered:
+def _render_chat(
+    conversation: Conversation, tokenizer: Any, schema: AttributeSchema, config: SFTDataConfig
+) -> _Rendered:
     _check_chat_tokenizer(tokenizer)
     eos = tokenizer.eos_token
     messages: list[dict[str, str]] = [{"role": "system", "content": conversation.system}]
@@ -232,7 +271,7 @@ def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSc
         if turn.role == "User":
             messages.append({"role": "user", "content": turn.text})
         else:
-            line = _chat_attribute_line(turn.attributes, schema)
+            line = _chat_attribute_line(turn.attributes, schema, config.level_words)
             messages.append({"role": "assistant", "content": line + turn.text})
     pieces: list[tuple[str, bool]] = []
     done = ""
@@ -257,7 +296,7 @@ def _render_chat(conversation: Conversation, tokenizer: Any, schema: AttributeSc
                 f"template 'chat': assistant message {i + 1} is not followed by the eos {eos!r} in the "
                 "rendered chat template, so the end-of-turn marker cannot be trained; use 'nemo'"
             )
-        line = _chat_attribute_line(conversation.turns[i - 1].attributes, schema)
+        line = _chat_attribute_line(conversation.turns[i - 1].attributes, schema, config.level_words)
         header = span[: start + len(line)]
         response = span[start + len(line) : end + len(eos)]
         if i < len(messages) - 1:  # earlier turns: trained only with their own attributes
@@ -298,7 +337,7 @@ def _render(
     if config.template == "nemo":
         _check_nemo_tokenizer(tokenizer)
         return _render_nemo(conversation, schema)
-    return _render_chat(conversation, tokenizer, schema)
+    return _render_chat(conversation, tokenizer, schema, config)
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -395,11 +434,16 @@ STEERABLE_MARK = "{#- helpsteer: steerable chat template -#}"
 BASE_MARKS = ("{#- helpsteer: base template -#}", "{#- helpsteer: end of base template -#}")
 
 
-def _jinja_attribute_line(schema: AttributeSchema, rendered: Sequence[str] | None = None) -> str:
-    """A jinja macro `_attrs(a)`: `format_attributes(a, schema)` of the attributes in `rendered`
-    (default: all), checking every name and value against the schema."""
+def _jinja_attribute_line(
+    schema: AttributeSchema,
+    rendered: Sequence[str] | None = None,
+    words: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """A jinja macro `_attrs(a)`: `format_attributes(a, schema, words)` of the attributes in
+    `rendered` (default: all), checking every name and value against the schema."""
     names = json.dumps(list(schema.names))
     shown = json.dumps(list(rendered if rendered is not None else schema.names))
+    said = json.dumps({name: list(level) for name, level in (words or {}).items()})
     return (
         "{%- macro _attrs(a) -%}"
         "{%- for key in a -%}{%- if key not in " + names + " -%}"
@@ -407,7 +451,7 @@ def _jinja_attribute_line(schema: AttributeSchema, rendered: Sequence[str] | Non
         + ", ".join(schema.names)
         + "') }}"
         "{%- endif -%}{%- endfor -%}"
-        "{%- set ns = namespace(parts=[]) -%}"
+        "{%- set ns = namespace(parts=[]) -%}{%- set w = " + said + " -%}"
         "{%- for name in " + shown + " -%}{%- if a[name] is defined and a[name] is not none -%}"
         "{%- if a[name] is not integer or a[name] < "
         + str(schema.low)
@@ -418,7 +462,9 @@ def _jinja_attribute_line(schema: AttributeSchema, rendered: Sequence[str] | Non
         + f"{schema.low}-{schema.high}"
         + "') }}"
         "{%- endif -%}"
-        "{%- set ns.parts = ns.parts + [name ~ ':' ~ a[name]] -%}"
+        "{%- set ns.parts = ns.parts + [name ~ ':' ~ (w[name][a[name] - "
+        + str(schema.low)
+        + "] if name in w else a[name])] -%}"
         "{%- endif -%}{%- endfor -%}"
         "{{- ns.parts | join(',') -}}"
         "{%- endmacro -%}"
@@ -439,7 +485,7 @@ def steerable_chat_template(
     A conversation without a system message gets the trained system text (`config.system`), as
     training did. The prompt equals `generation_prompt_ids` (tests/test_sft_data.py).
     """
-    macro = STEERABLE_MARK + _jinja_attribute_line(schema, config.condition_on)
+    macro = STEERABLE_MARK + _jinja_attribute_line(schema, config.condition_on, config.level_words)
     system = json.dumps(config.system)
     if config.template == "chat":
         if not base:
