@@ -4,6 +4,7 @@ attribute, value and range, the parse/format round trip, and the schema stored b
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,7 @@ from helpsteer_core.attributes import (
     AttributeSchema,
     AttributeValueError,
     format_attributes,
+    level_words_problem,
     load_and_check_schema,
     load_schema,
     parse_attributes,
@@ -94,6 +96,38 @@ def test_format_leaves_out_none_and_missing() -> None:
     assert format_attributes(values) == "helpfulness:4,coherence:3"
     assert format_attributes({}) == ""
     assert format_attributes({"quality": None}) == ""
+
+
+COMPLEXITY_WORDS = ["very simple", "simple", "moderate", "advanced", "expert"]
+
+
+def test_format_says_the_levels_of_the_worded_attributes_in_words() -> None:
+    words = {"complexity": COMPLEXITY_WORDS}
+    values = {"helpfulness": 4, "complexity": 0, "verbosity": 3}
+    assert format_attributes(values, words=words) == "helpfulness:4,complexity:very simple,verbosity:3"
+    assert format_attributes({"complexity": 4}, words=words) == "complexity:expert"
+    with pytest.raises(AttributeValueError, match="'complexity' = 5 is outside the range"):
+        format_attributes({"complexity": 5}, words=words)
+
+
+@pytest.mark.parametrize(
+    ("name", "words", "message"),
+    [
+        ("wit", COMPLEXITY_WORDS, "wit: unknown attribute; allowed: quality"),
+        ("complexity", COMPLEXITY_WORDS[:4], r"4 words; one per level 0..4 \(5\) is needed"),
+        ("complexity", ["a", "b", "c", "d", "a,b"], "'a,b' is not a word for a level"),
+        ("complexity", ["a", "b", "c", "d", " e"], "' e' is not a word for a level"),
+        ("complexity", ["a", "b", "c", "d", "d"], "name two levels alike"),
+    ],
+)
+def test_level_words_problem_names_the_attribute_and_what_is_allowed(
+    name: str, words: list[str], message: str
+) -> None:
+    problem = level_words_problem(name, words)
+    assert problem is not None
+    assert problem.startswith(f"{name}: ")
+    assert re.search(message, problem)
+    assert level_words_problem("complexity", COMPLEXITY_WORDS) is None
 
 
 def test_format_writes_integral_floats_as_integers() -> None:

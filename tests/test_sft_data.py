@@ -743,10 +743,22 @@ _TEXT = st.text(alphabet="abc xyz?!.\n", min_size=1, max_size=12).filter(lambda 
 _ATTRIBUTES = st.dictionaries(st.sampled_from(STEERLM.names), st.integers(min_value=0, max_value=4))
 
 
+WORDS = {
+    "complexity": ["very simple", "simple", "moderate", "advanced", "a specialist's"],
+    "verbosity": ["very short", "short", "medium", "long", "very long"],
+}
+
+
 def _steerable(
-    tokenizer: Any, template: str, system: str, condition_on: list[str] | None = None
+    tokenizer: Any,
+    template: str,
+    system: str,
+    condition_on: list[str] | None = None,
+    level_words: dict[str, list[str]] | None = None,
 ) -> tuple[Any, SFTDataConfig]:
-    config = SFTDataConfig(template=template, system=system, condition_on=condition_on)
+    config = SFTDataConfig(
+        template=template, system=system, condition_on=condition_on, level_words=level_words
+    )
     tokenizer = copy.deepcopy(tokenizer)
     prepare_tokenizer_for_template(tokenizer, template=template)
     tokenizer.chat_template = steerable_chat_template(tokenizer.chat_template, config)
@@ -762,6 +774,7 @@ def _steerable(
     system=st.sampled_from(["", "Be brief."]),
     give_system=st.booleans(),
     condition_on=st.sampled_from([None, ["verbosity"], ["helpfulness", "complexity", "verbosity"]]),
+    worded=st.booleans(),
 )
 def test_the_exported_chat_template_renders_the_trained_prompt(
     base_tokenizer: Any,
@@ -772,8 +785,10 @@ def test_the_exported_chat_template_renders_the_trained_prompt(
     system: str,
     give_system: bool,
     condition_on: list[str] | None,
+    worded: bool,
 ) -> None:
-    tokenizer, config = _steerable(base_tokenizer, template, system, condition_on)
+    level_words = WORDS if worded and template == "chat" else None
+    tokenizer, config = _steerable(base_tokenizer, template, system, condition_on, level_words)
     turns: list[Turn] = []
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if give_system else []
     for user, answer, own in exchanges:
@@ -833,6 +848,41 @@ def test_condition_on_leaves_the_other_attributes_out_in_training_and_at_inferen
     assert tokenizer.decode(prompt).endswith(line + "\n")
     full = build_example(conversation, tokenizer, SFTDataConfig(template=template))
     assert "correctness:4,complexity:1" in tokenizer.decode(full["input_ids"])
+
+
+def test_level_words_say_the_levels_in_training_at_inference_and_in_the_exported_template(
+    smollm2_tok: Any,
+) -> None:
+    tokenizer, config = _steerable(smollm2_tok, "chat", "", ["helpfulness", "complexity", "verbosity"], WORDS)
+    attributes = {"helpfulness": 4, "correctness": 4, "complexity": 4, "verbosity": 0}
+    line = "Attributes: helpfulness:4,complexity:a specialist's,verbosity:very short\n"
+    example = build_example(conversation_from_row("Why?", "Because.", attributes), tokenizer, config)
+    text = tokenizer.decode(example["input_ids"])
+    assert line + "Because." in text and "correctness" not in text
+    # The attribute line is context, never trained; the prompt a server builds is the trained one.
+    trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(trained) == "Because.<|im_end|>"
+    prompt = generation_prompt_ids([Turn("User", "Why?")], attributes, tokenizer, config)
+    assert prompt == example["input_ids"][: len(prompt)] and tokenizer.decode(prompt).endswith(line)
+    exported = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        attributes=attributes,
+    )
+    assert exported.endswith(line)
+    # Unset, the option is left out of the section's dump: keys and run identities stay as they were.
+    assert "level_words" not in SFTDataConfig(template="chat").model_dump()
+    assert config.model_dump()["level_words"] == WORDS
+
+
+def test_level_words_are_checked_and_need_the_chat_template() -> None:
+    with pytest.raises(ValueError, match="level_words needs template 'chat'"):
+        SFTDataConfig(template="nemo", level_words=WORDS)
+    with pytest.raises(ValueError, match=r"verbosity: 2 words; one per level 0..4 \(5\) is needed"):
+        SFTDataConfig(template="chat", level_words={"verbosity": ["short", "long"]})
+    with pytest.raises(ValueError, match="wit: unknown attribute"):
+        SFTDataConfig(template="chat", level_words={"wit": WORDS["verbosity"]})
 
 
 @pytest.mark.parametrize(

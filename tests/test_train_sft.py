@@ -275,12 +275,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
         return {name: weights.get_tensor(name).float() for name in weights.keys()}
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_runs_checkpoint(
     ray_head, synthetic_filtered, tiny_generator, tmp_path, stage
 ):
-    """A full-model run, then a LoRA run with the same run_name and storage (2 workers, ZeRO-1 or
-    ZeRO-3): the LoRA run starts at step 1 in its own folder, learns, and exports merged weights
+    """A full-model run, then a LoRA run with the same run_name and storage (2 workers, ZeRO-1, 2
+    or 3): the LoRA run starts at step 1 in its own folder, learns, and exports merged weights
     that changed only the adapted layers, plus peft's adapter; the full run then resumes its own
     checkpoint, not the LoRA one."""
     common = {"validation": None, "deepspeed": {"zero_stage": stage}, "export_dtype": "float32"}
