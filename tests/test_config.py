@@ -224,6 +224,7 @@ SHIPPED = {
     "judge.yaml": ("ray_jobs.judge", "JudgeConfig"),
     "export_data.yaml": ("ray_jobs.export_data", "ExportConfig"),
     "local.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
+    "local-full.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "llama2-70b-lora.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
     "helpsteer2.yaml": ("ray_jobs.pipeline", "PipelineConfig"),
