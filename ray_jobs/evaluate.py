@@ -439,6 +439,11 @@ def _timing(timing: dict[str, float], generator: Path) -> str:
     try:
         trained = json.loads((generator / TRAINING_FILE).read_text())
         text += f"; the tuned generator's AC-SFT: {trained['steps']} steps in {trained['seconds']:.0f} s"
+        if trained.get("resumed_from_step"):
+            text += (
+                f" (resumed at step {trained['resumed_from_step']}; "
+                f"{trained['train_seconds']:.0f} s of training over every run)"
+            )
     except (OSError, ValueError, KeyError):
         pass  # trained before the file existed, or not by train_sft
     return text

@@ -111,7 +111,7 @@ from ray_jobs.runtime import ensure_ray, fit_trainer, prepare_generator, stage_m
 from ray_jobs.tracking import TrackingConfig, WorkerMetrics, stage_run
 
 log = logging.getLogger("helpsteer.train_sft")
-TRAINING_FILE = "training.json"  # in the exported folder: steps, rows a step, the stage's seconds
+TRAINING_FILE = "training.json"  # in the exported folder: steps, rows a step, seconds (train_sft's `took`)
 SCHEMA = STEERLM
 REGISTERED_NAME = "helpsteer-generator"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -473,7 +473,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     hf_zero3 = zero3_init(ds_config)  # before from_pretrained: ZeRO-3 builds the model partitioned
     model = _load_model(config, tokenizer)
     engine = init_engine(model, ds_config)
-    start_step = 0
+    start_step, earlier_seconds, earlier_resume = 0, 0.0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -481,6 +481,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 engine, Path(folder) / DEEPSPEED_FOLDER, trainable_only=config.lora is not None
             )
             start_step = int(state["step"])
+            # The training loop's seconds before this run (checkpoints written before it was kept: 0).
+            earlier_seconds = float(state.get("train_seconds", 0.0))
+            earlier_resume = int(state.get("resumed_from_step", 0))
     if rank == 0:
         log.info(
             f"sft: {len(examples)} examples, {sum(trained)} trained tokens; global batch = micro "
@@ -535,10 +538,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
         tracker.log(metrics, done)
         if done % config.checkpoint_every == 0 or done == total:
-            _checkpoint(engine, tokenizer, config, metrics | {"step": done}, done, final=done == total)
+            progress = {
+                "step": done,
+                "train_seconds": earlier_seconds + time.monotonic() - loop_start,
+                "resumed_from_step": start_step,
+            }
+            _checkpoint(engine, tokenizer, config, metrics | {"step": done}, progress, final=done == total)
     if start_step >= total:
         # A re-run of a finished run: export the restored model again as the result.
-        _checkpoint(engine, tokenizer, config, {"step": total}, total, final=True)
+        progress = {"step": total, "train_seconds": earlier_seconds, "resumed_from_step": earlier_resume}
+        _checkpoint(engine, tokenizer, config, {"step": total}, progress, final=True)
     del hf_zero3
 
 
@@ -575,18 +584,25 @@ def _validation_loss(
 
 
 def _checkpoint(
-    engine: Any, tokenizer: Any, config: TrainSFTConfig, metrics: dict[str, float], step: int, final: bool
+    engine: Any,
+    tokenizer: Any,
+    config: TrainSFTConfig,
+    metrics: dict[str, float],
+    progress: dict[str, Any],
+    final: bool,
 ) -> None:
     """Every rank saves its DeepSpeed shards into one checkpoint folder in the run's storage and
-    reports it. The final checkpoint also holds the exported model (rank 0)."""
+    reports it. The final checkpoint also holds the exported model (rank 0). `progress`: the step,
+    the training loop's seconds over every run of this identity, the step this run resumed from."""
+    step = progress["step"]
     folder = checkpoint_folder(step)  # in the run's storage: no local staging (ray_jobs.checkpoints)
     # LoRA: the frozen base is the generator itself (its content is in the run identity).
     trainable_only = config.lora is not None
-    save_engine(engine, folder / DEEPSPEED_FOLDER, f"step-{step}", {"step": step}, trainable_only)
+    save_engine(engine, folder / DEEPSPEED_FOLDER, f"step-{step}", progress, trainable_only)
     if final:
         export_model(engine, tokenizer, config, folder / MODEL_FOLDER)
     if engine.global_rank == 0:
-        (folder / TRAINER_STATE).write_text(json.dumps({"step": step}))
+        (folder / TRAINER_STATE).write_text(json.dumps(progress))
     report_in_place(metrics, folder)
 
 
@@ -693,12 +709,17 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
             if not exported.is_dir():
                 raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
             shutil.copytree(exported, staging)
+            progress = json.loads((Path(folder) / TRAINER_STATE).read_text())
         (staging / "data_stats.json").write_text(json.dumps(vars(stats), indent=2) + "\n")
-        # How long this model took to train (the evaluation's report quotes it).
+        # How long this model took to train (the evaluation's report quotes it): this stage's
+        # seconds, and the training loop's over every run of this identity (a resumed run's
+        # own seconds leave out the steps before its checkpoint).
         took = {
             "steps": total,
             "global_batch_rows": width,
             "seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": round(float(progress.get("train_seconds", 0.0)), 1),
+            "resumed_from_step": int(progress.get("resumed_from_step", 0)),
         }
         (staging / TRAINING_FILE).write_text(json.dumps(took, indent=2) + "\n")
         if levels is not None:

@@ -286,6 +286,9 @@ def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_
     common = {"validation": None, "deepspeed": {"zero_stage": stage}, "export_dtype": "float32"}
     full = _config(synthetic_filtered, tiny_generator, tmp_path, max_steps=2, checkpoint_every=2, **common)
     run(full)
+    first = json.loads((Path(full.out) / "training.json").read_text())
+    assert first["steps"] == 2 and first["resumed_from_step"] == 0
+    assert 0 < first["train_seconds"] <= first["seconds"]
     lora = full.model_copy(update={"lora": LORA_SETTINGS, "max_steps": 8, "checkpoint_every": 4, "lr": 2e-2})
     assert run(lora)["steps"] == 8
     loss = _history(tmp_path / "runs", "loss")
@@ -327,6 +330,10 @@ def test_lora_trains_exports_merged_weights_and_adapter_and_never_shares_a_full_
     # The full-model run, continued, resumes its own step-2 checkpoint (not the LoRA run's step 8).
     run(full.model_copy(update={"max_steps": 3}))
     assert sorted(_history(tmp_path / "runs", "loss")) == [3]
+    # Its training time counts both runs' steps, not only the resumed run's (the report quotes it).
+    took = json.loads((out / "training.json").read_text())
+    assert took["steps"] == 3 and took["resumed_from_step"] == 2
+    assert took["train_seconds"] > first["train_seconds"]
     assert not (out / ADAPTER_FOLDER).exists() and read_training_setup(out)["exported"]["weights"] == "full"
 
 
