@@ -212,7 +212,9 @@ class _Plan:
             self.inputs["generate_answers"] = {
                 "settings": result_settings(config.answers, GENERATION_SPEED_ONLY),
                 "generator": model_fingerprint(config.sft.generator),
-                "examples": config.sft.examples.model_dump(mode="json"),
+                # The untuned generator is asked with no attribute line: how its levels would be
+                # said (level_words) never reaches its prompts.
+                "examples": config.sft.examples.model_dump(mode="json", exclude={"level_words"}),
                 "code": code,
             }
         relabelled = "generate_answers" if self.answers else "filter"

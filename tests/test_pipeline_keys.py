@@ -153,3 +153,24 @@ def test_a_variant_shares_every_key_before_train_sft_whatever_its_sft_changes(tm
     assert variant.sft.examples.condition_on == ["helpfulness", "correctness", "coherence", "complexity"]
     for stage in ("filter", "train_apm", "generate_answers", "relabel"):
         assert own.out(stage) == main.out(stage), stage
+
+
+def test_the_levels_said_in_words_rekey_train_sft_but_not_the_untuned_generators_answers(tmp_path, data):
+    """The untuned generator answers with no attribute line, so `sft.examples.level_words` never
+    reaches its prompts: the answers (and relabel) keep their keys; train_sft's changes."""
+    runs = tmp_path / "runs"
+
+    def plan(*overrides: str) -> _Plan:
+        config = load_config(
+            PipelineConfig, REPO / "configs" / "local.yaml", [f"runs_dir={runs}", "data=null", *overrides]
+        )
+        return _Plan(config, runs, str(data))
+
+    # (rows without generate_answers' columns: no per-answer levels, no repeats)
+    rows = ("sft.answer_level=[]", "sft.repeat=[]")
+    worded, digits = plan(*rows), plan(*rows, "sft.examples.level_words=null")
+    assert worded.config.sft.examples.level_words and digits.config.sft.examples.level_words is None
+    for stage in ("filter", "train_apm", "generate_answers", "relabel"):
+        assert worded.out(stage) == digits.out(stage), stage
+    _relabelled(worded)
+    assert worded.out("train_sft") != digits.out("train_sft")
