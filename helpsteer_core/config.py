@@ -143,27 +143,48 @@ def load_config(
     overrides: Sequence[str] = (),
     defaults: dict[str, Any] | None = None,
 ) -> T:
-    """Read `path` (optional) onto `model`, then apply `overrides` (`a.b=value`)."""
+    """Read `path` (optional) onto `model`, then apply `overrides` (`a.b=value`).
+
+    A file may start from another one: `extends: other.yaml` (relative to the file) reads that
+    file first and applies this one's keys over it, sections merged key by key (`merge_sections`).
+    """
     data: dict[str, Any] = copy.deepcopy(defaults or {})
     text = None
     where = "overrides"
     if path is not None:
         file = resolve_path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        text = file.read_text()
-        where = str(path)
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}: expected a mapping of keys, found {type(loaded).__name__}")
+        loaded, text, chain = _read_extended(file.resolve(), str(path), ())
+        where = str(path) + "".join(f" (extends {name})" for name in chain)
         data.update(loaded)
     data = apply_overrides(data, overrides)
     return validate_config(model, data, where, text, overrides)
+
+
+EXTENDS = "extends"
+
+
+def _read_extended(file: Path, where: str, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str, list[str]]:
+    """The mapping in `file` over the one it extends, its own text, and the files it extends."""
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    if file in seen:
+        raise ConfigError(f"{where}: extends itself through {' -> '.join(str(f) for f in (*seen, file))}")
+    text = file.read_text()
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, found {type(loaded).__name__}")
+    if EXTENDS not in loaded:
+        return loaded, text, []
+    below = loaded.pop(EXTENDS)
+    if not isinstance(below, str) or not below:
+        raise ConfigError(f"{where}: {EXTENDS}: expected the path of another config file, got {below!r}")
+    base, _, chain = _read_extended((file.parent / below).resolve(), below, (*seen, file))
+    return merge_sections(base, loaded), text, [below, *chain]
 
 
 def dump_config(config: BaseModel) -> str:

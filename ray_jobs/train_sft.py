@@ -718,8 +718,8 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
             "steps": total,
             "global_batch_rows": width,
             "seconds": round(time.perf_counter() - started, 1),
-            "train_seconds": round(float(progress.get("train_seconds", 0.0)), 1),
-            "resumed_from_step": int(progress.get("resumed_from_step", 0)),
+            "train_seconds": round(progress["train_seconds"], 1),
+            "resumed_from_step": progress["resumed_from_step"],
         }
         (staging / TRAINING_FILE).write_text(json.dumps(took, indent=2) + "\n")
         if levels is not None:

@@ -49,6 +49,28 @@ def test_file_maps_onto_the_model(tmp_path: Path) -> None:
     assert cfg == Stage(seed=3, optimizer=Optimizer(lr=0.5, steps=7), data=Data(max_rows=100))
 
 
+def test_a_file_extends_another_section_by_section(tmp_path: Path) -> None:
+    write(tmp_path, "seed: 3\noptimizer:\n  lr: 0.5\n  steps: 7\ndata:\n  max_rows: 100\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\noptimizer:\n  lr: 0.1\ndata:\n  max_rows: null\n")
+    cfg = load_config(Stage, child, ["seed=4"])
+    assert cfg == Stage(seed=4, optimizer=Optimizer(lr=0.1, steps=7), data=Data(max_rows=None))
+    # A problem names the file, and the file it extends.
+    bad = write(tmp_path, "extends: base.yaml\noptimizer:\n  stpes: 5\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml \(extends base.yaml\):3: optimizer.stpes: unknown key"):
+        load_config(Stage, bad)
+
+
+def test_extends_refuses_a_cycle_a_missing_file_and_a_non_path(tmp_path: Path) -> None:
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="extends itself through"):
+        load_config(Stage, tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(Stage, write(tmp_path, "extends: nowhere.yaml\n", "c.yaml"))
+    with pytest.raises(ConfigError, match="extends: expected the path of another config file, got 3"):
+        load_config(Stage, write(tmp_path, "extends: 3\n", "d.yaml"))
+
+
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert load_config(Stage, write(tmp_path, "# nothing set\n")) == Stage()
 
