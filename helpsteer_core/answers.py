@@ -2,7 +2,8 @@
 
 The untuned generator answers everyday questions several times each, once per *style*: an
 instruction added to the question that asks for a length or a register ("Answer in one short
-sentence.", "Explain it to a seven-year-old."). The APM then labels every answer (relabel stage)
+sentence.", "Explain it to a seven-year-old."), for some registers shown by an example exchange
+first (`EXAMPLES`). The APM then labels every answer (relabel stage)
 and AC-SFT learns to reproduce each answer from the *plain* question plus the APM's attributes, so
 the attributes, not the instruction, come to carry the style. The answers are the model's own, so
 fine-tuning on them teaches the knobs without replacing how it answers.
@@ -38,6 +39,47 @@ STYLES: dict[str, str] = {
     "high_school": "Explain it to a high-school student.",
     "simple_terms": "Explain it in simple terms.",
     "expert": "Answer as a specialist would, with precise technical terms.",
+    # Registers shown by example (EXAMPLES): the instruction and an answer written in that register
+    # to another question come first, as an earlier exchange of the conversation.
+    "child_example": "Explain it to a small child.",
+    "simple_example": "Explain it simply.",
+    "technical_example": "Answer in technical detail.",
+    "specialist_example": "Answer as a specialist would, with precise technical terminology.",
+}
+
+# Instructions alone give SmolLM2-135M two registers (a child's, FK ~6, and one FK 11-14 for every
+# other instruction): the levels between had no answers to learn from. Shown one answer in the
+# register first, it writes them in order. 12 bank questions, T 0.7 (docs/results.md): FK grade
+# 4.8, 6.9, 16.1, 18.5 for these four (10.0 for the plain question shown an FK-11 answer); ranked
+# within each question against the register asked, Spearman 0.84 (the same instructions alone: 0.50).
+EXAMPLE_QUESTION = "Why do leaves change color in the fall?"
+EXAMPLES: dict[str, str] = {
+    "child_example": (
+        "Leaves are green in summer. In fall, days get short and cold. The tree stops making the "
+        "green part. Then we can see the yellow and orange that hid under the green. Some leaves "
+        "turn red. Then they dry up and fall down."
+    ),
+    "simple_example": (
+        "In summer, leaves are full of a green substance that helps the tree make food from "
+        "sunlight. When autumn comes, the days get shorter, so the tree stops making it. As the "
+        "green fades, yellow and orange colors show through. Some trees also make red colors from "
+        "the sugar left in their leaves."
+    ),
+    "technical_example": (
+        "The seasonal coloration of deciduous foliage results from the degradation of chlorophyll, "
+        "which is no longer synthesized once shortening photoperiods and declining temperatures "
+        "trigger senescence. The persistent carotenoids, previously masked, become visible, whereas "
+        "anthocyanins are synthesized de novo from accumulated carbohydrates, particularly under "
+        "conditions of bright light and cool nights."
+    ),
+    "specialist_example": (
+        "Autumnal leaf senescence is a genetically programmed, photoperiodically regulated process "
+        "in which chloroplast dismantling and chlorophyll catabolism via the pheophorbide a "
+        "oxygenase pathway facilitate nitrogen remobilization, thereby unmasking constitutive "
+        "carotenoids and xanthophylls, while phenylpropanoid-derived anthocyanin biosynthesis, "
+        "upregulated by carbohydrate accumulation and photo-oxidative stress, confers "
+        "photoprotection during nutrient resorption."
+    ),
 }
 
 
@@ -48,6 +90,16 @@ class AnswerRequest:
     prompt: str  # the plain question (the training prompt)
     style: str
     shown: str  # the question with the style's instruction, what the untuned generator answers
+
+    def turns(self) -> list[dict[str, str]]:
+        """The conversation the untuned generator continues: the style's example exchange, if it
+        has one (the same instruction on `EXAMPLE_QUESTION`, answered in the register), then `shown`."""
+        turns = [{"role": "User", "text": self.shown}]
+        example = EXAMPLES.get(self.style)
+        if example is None:
+            return turns
+        asked = f"{EXAMPLE_QUESTION} {STYLES[self.style]}".strip()
+        return [{"role": "User", "text": asked}, {"role": "Assistant", "text": example}, *turns]
 
 
 def question_bank() -> list[str]:
@@ -159,6 +211,7 @@ def answer_row(request: AnswerRequest, verdict: Verdict, new_tokens: int, model:
         "response": verdict.text,
         "style": request.style,
         "instruction": STYLES[request.style],
+        "example": EXAMPLES.get(request.style),  # the register's example answer shown first, if any
         "new_tokens": new_tokens,
         "cut_at_sentence": verdict.cut,
         "first_sentences": None,  # None: the whole answer; N: a shorter version (`shorter_rows`)

@@ -103,7 +103,7 @@ def run(config: AnswersConfig) -> dict[str, Any]:
             [
                 {
                     "request_id": i,
-                    "turns": json.dumps([{"role": "User", "text": r.shown}]),
+                    "turns": json.dumps(r.turns()),
                     "attributes": "null",  # the untuned model is asked plainly, with no attribute line
                     "order": style_order[r.style],
                 }

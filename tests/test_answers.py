@@ -11,6 +11,8 @@ import pytest
 from conftest import model_loads_here
 
 from helpsteer_core.answers import (
+    EXAMPLE_QUESTION,
+    EXAMPLES,
     STYLES,
     answer_requests,
     cut_to_sentence,
@@ -23,6 +25,7 @@ from helpsteer_core.answers import (
     shorter_rows,
 )
 from helpsteer_core.prompt_files import read_prompt_file
+from helpsteer_core.steering import flesch_kincaid_grade
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVALUATION_FILES = [
@@ -68,6 +71,27 @@ def test_requests_ask_the_plain_question_and_show_the_instruction():
     ]
     with pytest.raises(ValueError, match="styles: \\['poetic'\\]; allowed: a non-empty list of one_sentence"):
         answer_requests(["What is a comet?"], ["poetic"])
+
+
+def test_a_register_shown_by_example_comes_as_an_earlier_exchange():
+    plain, child = answer_requests(["What is a comet?"], ["plain", "child_example"])
+    assert plain.turns() == [{"role": "User", "text": "What is a comet?"}]
+    assert child.prompt == "What is a comet?"  # AC-SFT trains on the plain question either way
+    assert child.turns() == [
+        {"role": "User", "text": f"{EXAMPLE_QUESTION} {STYLES['child_example']}"},
+        {"role": "Assistant", "text": EXAMPLES["child_example"]},
+        {"role": "User", "text": f"What is a comet? {STYLES['child_example']}"},
+    ]
+    assert set(EXAMPLES) <= set(STYLES)
+    assert EXAMPLE_QUESTION not in question_bank()
+
+
+def test_the_example_answers_climb_in_readability_grade_with_the_register():
+    """The examples are what set the registers' order: each reads harder than the one before."""
+    order = ["child_example", "simple_example", "technical_example", "specialist_example"]
+    assert list(EXAMPLES) == order
+    grades = [flesch_kincaid_grade(EXAMPLES[style]) for style in order]
+    assert grades == sorted(grades) and grades[0] < 3 < 8 < grades[2]
 
 
 def test_answers_are_kept_cut_back_to_a_sentence_or_rejected_with_the_reason():
@@ -133,7 +157,7 @@ def test_the_stage_writes_kept_answers_and_rejects_that_reconcile(ray_head, tmp_
     config = AnswersConfig(
         out=str(out),
         questions=3,
-        styles=["one_sentence", "brief"],
+        styles=["one_sentence", "child_example"],
         max_new_tokens=48,
         shorter=[1],
         batch_size=6,
@@ -158,7 +182,10 @@ def test_the_stage_writes_kept_answers_and_rejects_that_reconcile(ray_head, tmp_
         assert len(version["response"]) < len(whole[version["prompt"], version["style"]])
     questions = set(pick_questions(3, seed=0))
     assert {r["prompt"] for r in rows + rejects} == questions
-    assert all(r["response"] and r["style"] in ("one_sentence", "brief") for r in rows)
+    assert all(r["response"] and r["style"] in ("one_sentence", "child_example") for r in rows)
+    # The row says what the generator was shown: the instruction, and the example answer if any.
+    assert {r["example"] for r in rows if r["style"] == "one_sentence"} == {None}
+    assert {r["example"] for r in rows if r["style"] == "child_example"} == {EXAMPLES["child_example"]}
     assert all(r["reason"] for r in rejects)
     assert sum(s["kept"] + s["rejected"] for s in stats["by_style"].values()) == 6
     assert json.loads((out / "stats.json").read_text()) == stats
