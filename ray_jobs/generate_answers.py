@@ -57,8 +57,17 @@ class AnswersSettings(GenerationSettings):
 
     questions: int = Field(240, ge=1)  # distinct questions from the bank (a seeded sample)
     # Each question is answered once per style (helpsteer_core.answers.STYLES); "detailed" is left
-    # out by default: most of its answers run past max_new_tokens and are cut back anyway.
-    styles: list[str] = ["one_sentence", "brief", "plain", "simple", "expert"]
+    # out by default: most of its answers run past max_new_tokens and are cut back anyway. The four
+    # registers are shown by an example exchange first: told only, a small model writes two.
+    styles: list[str] = [
+        "one_sentence",
+        "brief",
+        "plain",
+        "child_example",
+        "simple_example",
+        "technical_example",
+        "specialist_example",
+    ]
     max_new_tokens: int = Field(160, ge=1)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)

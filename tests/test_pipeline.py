@@ -267,7 +267,7 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "apm.max_steps=2",
         "apm.eval_every=2",
         "answers.questions=3",
-        "answers.styles=[one_sentence, simple]",
+        "answers.styles=[one_sentence, child_example]",
         "answers.max_new_tokens=48",
         "answers.batch_size=6",
         "sft.micro_batch_size=1",
@@ -281,7 +281,8 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
         "evaluate.real_relevance_prompts=2",
         "evaluate.real_attribute_prompts={verbosity: 1}",
     ]
-    summary = run(load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides))
+    config = load_config(PipelineConfig, REPO / "configs" / "local.yaml", overrides)
+    summary = run(config)
     sources = summary["filter"]["sources"]
     assert set(sources) == {"helpsteer", "oasst"} and sources["helpsteer"]["input_rows"] == 120
     assert sources["oasst"]["kept"] > 20  # one row per assistant turn of 20 trees
@@ -306,10 +307,12 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert len(cuts) == 4 and cuts == sorted(cuts)
     assert sum(levels["rows_per_level"]["verbosity"]) == len(answers)
     assert summary["train_sft"]["data"]["examples"] == len(answers)
-    # The profile's repeat rule: the child's and the specialist's one-sentence versions, 4x.
-    register = [r for r in answers if r["style"] in ("simple", "expert") and r["first_sentences"] == 1]
+    # The profile's repeat rule: the registers' one-sentence versions (the child's among them), 3x.
+    (rule,) = config.sft.repeat
+    register = [r for r in answers if r["style"] in rule.where["style"] and r["first_sentences"] == 1]
+    assert register and {r["style"] for r in register} == {"child_example"}
     assert summary["train_sft"]["data"]["repeated_rows"] == len(register)
-    assert summary["train_sft"]["data"]["repeated_examples"] == 3 * len(register)
+    assert summary["train_sft"]["data"]["repeated_examples"] == (rule.times - 1) * len(register)
     relevance = summary["evaluate"]["relevance"]
     assert set(relevance) >= {"tuned", "baseline", "relevance_ratio"}
     assert -1 <= relevance["tuned"]["mean_cosine"] <= 1
