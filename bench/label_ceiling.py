@@ -50,21 +50,31 @@ SCHEMES: dict[str, dict[str, Any]] = {
         "answer_level": ("complexity",),
         "at": 1,
     },
+    # At two sentences (about the length the evaluation's complexity sweep asks for), and the mean
+    # of the predictions on every version of the answer (1, 2, 4 sentences and whole).
+    "all, complexity per answer at two sentences": {"scope": "all", "answer_level": ("complexity",), "at": 2},
+    "all, complexity per answer, mean of its versions": {
+        "scope": "all",
+        "answer_level": ("complexity",),
+        "at": "mean",
+    },
 }
 
 
-def read_at(rows: Sequence[Mapping[str, Any]], sentences: int) -> list[dict[str, Any]]:
+def read_at(rows: Sequence[Mapping[str, Any]], sentences: int | str) -> list[dict[str, Any]]:
     """`rows` with each whole answer's complexity prediction taken from its version cut to
-    `sentences` sentences, where it has one."""
-    version = {
-        (r["prompt"], r["style"]): r["apm_complexity"] for r in rows if r.get("first_sentences") == sentences
-    }
-    return [
-        {**r, "apm_complexity": version.get((r["prompt"], r["style"]), r["apm_complexity"])}
-        if r.get("first_sentences") is None
-        else dict(r)
-        for r in rows
-    ]
+    `sentences` sentences, where it has one, or ("mean") the mean over all its versions."""
+    versions: dict[tuple[str, str], dict[Any, float]] = {}
+    for r in rows:
+        versions.setdefault((r["prompt"], r["style"]), {})[r.get("first_sentences")] = r["apm_complexity"]
+
+    def read(r: Mapping[str, Any]) -> float:
+        found = versions[(r["prompt"], r["style"])]
+        if sentences == "mean":
+            return float(np.mean(list(found.values())))
+        return found.get(sentences, r["apm_complexity"])
+
+    return [{**r, "apm_complexity": read(r)} if r.get("first_sentences") is None else dict(r) for r in rows]
 
 
 def imitate(
