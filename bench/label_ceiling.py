@@ -4,9 +4,10 @@
 
 Before spending ~45 minutes of AC-SFT on a labelling, measure what it teaches. For each way
 `attribute_source: apm_quantile` can turn the APM's predictions into levels (`sft.quantile_scope`
-all or prompt, complexity at the whole answer's level or not, see `helpsteer_core.sft_data.
-apm_levels`), an imitator answers each training prompt at levels 0-4 by drawing one of that
-prompt's training rows at the requested level, and the figure is the evaluation's own
+all or prompt, complexity at the whole answer's level or not, and where the whole answer's
+prediction is read, `sft.answer_level_at`; see `helpsteer_core.sft_data.apm_levels`), an
+imitator answers each training prompt at levels 0-4 by drawing one of that prompt's training rows
+at the requested level, and the figure is the evaluation's own
 (`helpsteer_core.steering.steerability`): Spearman's rho within prompt between the level and the
 words (verbosity) or the Flesch-Kincaid grade (complexity), averaged over `--draws` draws. A
 trained model does not do better than the rows it learns from, so a labelling under the bar here
@@ -43,7 +44,8 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "prompt": {"scope": "prompt", "answer_level": ()},
     "prompt, complexity per answer": {"scope": "prompt", "answer_level": ("complexity",)},
     # Complexity per answer, read on the answer's first sentence (its one-sentence version, or the
-    # answer itself when it has one sentence): every answer ranked at the same length.
+    # answer itself when it has one sentence): every answer ranked at the same length
+    # (`sft.answer_level_at: 1`).
     "all, complexity per answer at one sentence": {"scope": "all", "answer_level": ("complexity",), "at": 1},
     "prompt, complexity per answer at one sentence": {
         "scope": "prompt",
@@ -59,22 +61,6 @@ SCHEMES: dict[str, dict[str, Any]] = {
         "at": "mean",
     },
 }
-
-
-def read_at(rows: Sequence[Mapping[str, Any]], sentences: int | str) -> list[dict[str, Any]]:
-    """`rows` with each whole answer's complexity prediction taken from its version cut to
-    `sentences` sentences, where it has one, or ("mean") the mean over all its versions."""
-    versions: dict[tuple[str, str], dict[Any, float]] = {}
-    for r in rows:
-        versions.setdefault((r["prompt"], r["style"]), {})[r.get("first_sentences")] = r["apm_complexity"]
-
-    def read(r: Mapping[str, Any]) -> float:
-        found = versions[(r["prompt"], r["style"])]
-        if sentences == "mean":
-            return float(np.mean(list(found.values())))
-        return found.get(sentences, r["apm_complexity"])
-
-    return [{**r, "apm_complexity": read(r)} if r.get("first_sentences") is None else dict(r) for r in rows]
 
 
 def imitate(
@@ -145,8 +131,9 @@ def main() -> None:
     measured = [measure(r["response"]) for r in rows]
     print(f"{len(rows)} rows, {len({r['prompt'] for r in rows})} prompts, from {args.rows}\n")
     for name, scheme in SCHEMES.items():
-        ranked = read_at(rows, scheme["at"]) if "at" in scheme else rows
-        levels = apm_levels(ranked, STEERLM, scheme["scope"], scheme["answer_level"])
+        levels = apm_levels(
+            rows, STEERLM, scheme["scope"], scheme["answer_level"], answer_at=scheme.get("at", "whole")
+        )
         print(f"## {name}")
         for attribute, key in SWEEPS.items():
             rng = random.Random(args.seed)

@@ -573,6 +573,53 @@ def quantile_levels(
 
 
 QuantileScope = Literal["all", "prompt"]
+# Where a whole answer's `answer_level` prediction is read: on the whole answer, on its version cut
+# to N sentences (answers.shorter), or the mean over all its versions.
+AnswerReading = Literal["whole", "mean"] | int
+
+
+def answer_reading_problem(at: AnswerReading, answer_level: Sequence[str]) -> str | None:
+    """What is wrong with `answer_level_at` `at` beside `answer_level`; None when nothing."""
+    if isinstance(at, int) and at < 1:
+        return f"answer_level_at {at}: a number of sentences (>= 1), whole or mean"
+    if at != "whole" and not answer_level:
+        return f"answer_level_at {at!r} needs answer_level (the attributes it reads)"
+    return None
+
+
+def read_answer_level(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str], at: AnswerReading
+) -> list[dict[str, Any]]:
+    """`rows` with each whole answer's `apm_<name>` (for `names`) read `at` one of its versions
+    instead (same prompt and `style`; `first_sentences` at), or as the mean over all of them.
+    The APM reads length together with register: ranking every answer at one length keeps the
+    register apart from where the answer stops. A whole answer without that version (it has fewer
+    sentences) keeps its own prediction; shorter versions are left as they are."""
+    if at == "whole" or not names:
+        return [dict(r) for r in rows]
+    versions: dict[tuple[Any, Any], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        versions.setdefault((row["prompt"], row["style"]), []).append(row)
+    read = []
+    for row in rows:
+        if _present(row.get("first_sentences")):
+            read.append(dict(row))
+            continue
+        found = versions[(row["prompt"], row["style"])]
+        new = dict(row)
+        for name in names:
+            column = f"apm_{name}"
+            if at == "mean":
+                values = [float(v[column]) for v in found if _present(v.get(column))]
+                new[column] = float(np.mean(values)) if values else row.get(column)
+            else:
+                at_version = [
+                    v for v in found if _present(v.get("first_sentences")) and v["first_sentences"] == at
+                ]
+                if at_version and _present(at_version[0].get(column)):
+                    new[column] = float(at_version[0][column])
+        read.append(new)
+    return read
 
 
 def apm_levels(
@@ -581,6 +628,7 @@ def apm_levels(
     scope: QuantileScope = "all",
     answer_level: Sequence[str] = (),
     cuts: Mapping[str, Sequence[float]] | None = None,
+    answer_at: AnswerReading = "whole",
 ) -> list[dict[str, int]]:
     """Each row's level per attribute for `attribute_source: apm_quantile`: its APM prediction
     ranked into equal-count levels (`quantile_levels`' cut points) among the rows of its scope.
@@ -593,7 +641,8 @@ def apm_levels(
     `answer_level` names attributes that belong to a whole answer rather than to where it stops:
     they are ranked over whole answers only (`first_sentences` None) and each shorter version
     (`helpsteer_core.answers.shorter_rows`) takes its whole answer's level, found by prompt and
-    `style`. A version cut to one sentence keeps its answer's register.
+    `style`. A version cut to one sentence keeps its answer's register. `answer_at` says where a
+    whole answer's prediction is read before it is ranked (`read_answer_level`).
     """
     unknown = [n for n in answer_level if n not in schema.names]
     if unknown:
@@ -603,7 +652,11 @@ def apm_levels(
             f"answer_level {list(answer_level)} needs the `first_sentences` and `style` columns of "
             "generate_answers' rows; these rows have none (use answer_level: [] for other data)"
         )
+    problem = answer_reading_problem(answer_at, answer_level)
+    if problem:
+        raise ConfigError(problem)
     quantile_levels(rows, schema)  # raises when no row has a prediction
+    rows = read_answer_level(rows, answer_level, answer_at)
     groups: dict[Any, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row["prompt"] if scope == "prompt" else None, []).append(index)

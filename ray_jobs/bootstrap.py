@@ -72,7 +72,7 @@ log = logging.getLogger("helpsteer.bootstrap")
 STAGE = "bootstrap"
 SCHEMA = STEERLM
 # Round 2 trains on chosen answers, which have no generate_answers columns (style, first_sentences).
-ROUND_2_SFT = {"repeat": [], "answer_level": []}
+ROUND_2_SFT = {"repeat": [], "answer_level": [], "answer_level_at": "whole"}
 
 
 class BootstrapSettings(GenerationSettings):

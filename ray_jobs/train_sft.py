@@ -72,11 +72,13 @@ from helpsteer_core.outputs import (
 )
 from helpsteer_core.readers import parquet_files, read_parquet_rows
 from helpsteer_core.sft_data import (
+    AnswerReading,
     AttributeSource,
     QuantileScope,
     RowRepeat,
     SFTDataConfig,
     SFTStats,
+    answer_reading_problem,
     apm_levels,
     choose_attributes,
     collate_sft,
@@ -140,6 +142,10 @@ class TrainSFTSettings(StrictModel):
     # length): ranked over whole answers, and each shorter version (answers.shorter) takes its
     # answer's level. Needs generate_answers' rows (`style`, `first_sentences`).
     answer_level: list[str] = []
+    # apm_quantile with answer_level only: where a whole answer's prediction is read before it is
+    # ranked: whole (the answer itself), N (its version cut to N sentences, so that every answer is
+    # ranked at one length; the APM reads length with register) or mean (over all its versions).
+    answer_level_at: AnswerReading = "whole"
     # apm_quantile only: fixed cut points for the attributes named (4 ascending values each, the
     # `cuts` of another model's attribute_levels.json) instead of ranking the training rows. The
     # bootstrap round trains round 2 with round 1's, so a level means the same to both models.
@@ -187,6 +193,9 @@ class TrainSFTSettings(StrictModel):
         self.deepspeed.check_device(self.use_gpu)
         for name, value in self.fixed_attributes.items():
             SCHEMA.check_value(name, value)
+        problem = answer_reading_problem(self.answer_level_at, self.answer_level)
+        if problem:
+            raise ConfigError(problem)
         unknown = [name for name in [*self.answer_level, *self.quantile_cuts] if name not in SCHEMA.names]
         if unknown:
             raise ConfigError(f"answer_level / quantile_cuts: {unknown}; allowed: {', '.join(SCHEMA.names)}")
@@ -244,10 +253,11 @@ class TrainSFTConfig(TrainSFTSettings):
 
 def identity_settings(settings: TrainSFTSettings, leave_out: Sequence[str]) -> dict[str, Any]:
     """`result_settings` less the options that are off and came later (`lora` null, `repeat` and
-    `quantile_cuts` empty): a run that does not use them keeps the identity and cache key it had
-    before."""
+    `quantile_cuts` empty, `answer_level_at` whole): a run that does not use them keeps the
+    identity and cache key it had before."""
     return without_off(
-        result_settings(settings, leave_out), {"lora": None, "repeat": [], "quantile_cuts": {}}
+        result_settings(settings, leave_out),
+        {"lora": None, "repeat": [], "quantile_cuts": {}, "answer_level_at": "whole"},
     )
 
 
@@ -295,6 +305,7 @@ def row_levels(
         settings.quantile_scope,
         settings.answer_level,
         settings.quantile_cuts,
+        settings.answer_level_at,
     )
     levels: list[dict[str, int] | None] = [None] * len(rows)
     for index, own in zip(ranked, found, strict=True):
@@ -324,6 +335,7 @@ def attribute_levels(config: TrainSFTConfig) -> dict[str, Any] | None:
     return {
         "scope": config.quantile_scope,
         "answer_level": config.answer_level,
+        "answer_level_at": config.answer_level_at,
         "cuts": cuts,
         "rows_per_level": counts,
     }

@@ -307,7 +307,8 @@ def test_local_profile_trains_on_the_generators_own_answers_labelled_by_the_apm(
     assert len(cuts) == 4 and cuts == sorted(cuts)
     assert sum(levels["rows_per_level"]["verbosity"]) == len(answers)
     assert summary["train_sft"]["data"]["examples"] == len(answers)
-    # The profile's repeat rule: the registers' one-sentence versions (the child's among them), 3x.
+    # The profile's repeat rule: the registers' one-sentence versions (the child's among them),
+    # as many times as the profile says.
     (rule,) = config.sft.repeat
     register = [r for r in answers if r["style"] in rule.where["style"] and r["first_sentences"] == 1]
     assert register and {r["style"] for r in register} == {"child_example"}

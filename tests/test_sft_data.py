@@ -49,6 +49,7 @@ from helpsteer_core.sft_data import (
     pack_examples,
     prepare_tokenizer_for_template,
     quantile_levels,
+    read_answer_level,
     row_repeats,
     steerable_chat_template,
     token_loss_sum,
@@ -459,6 +460,37 @@ def test_apm_levels_within_prompt_and_answer_level_keep_each_answers_register() 
     orphan = [r for r in rows if not (r["style"] == "s0" and r["first_sentences"] is None)]
     with pytest.raises(ValueError, match="whole answer \\(same prompt, style 's0'\\) is not among"):
         apm_levels(orphan, scope="prompt", answer_level=["complexity"])
+
+
+def test_answer_level_at_ranks_each_whole_answer_by_one_of_its_versions_or_their_mean() -> None:
+    # Whole answers whose APM complexity mixes in their length: read whole, the long plain answer
+    # (s0) ranks above the short specialist's (s4); read on the one-sentence versions, where every
+    # answer has the same length, the registers come out in order.
+    rows = []
+    for k, (whole, first) in enumerate([(3.0, 0.0), (2.0, 0.5), (1.0, 1.0), (1.6, 1.5), (2.5, 2.0)]):
+        base = {"prompt": "p", "style": f"s{k}", "response": f"Answer {k}. More.", "apm_verbosity": 3.0}
+        rows.append({**base, "first_sentences": None, "apm_complexity": whole})
+        rows.append({**base, "first_sentences": 1, "apm_complexity": first, "response": f"A{k}."})
+    whole_rows = [i for i, r in enumerate(rows) if r["first_sentences"] is None]
+
+    def complexity(levels: list[dict[str, int]]) -> list[int]:
+        return [levels[i]["complexity"] for i in whole_rows]
+
+    assert complexity(apm_levels(rows, answer_level=["complexity"])) == [4, 2, 0, 1, 3]
+    at_one = apm_levels(rows, answer_level=["complexity"], answer_at=1)
+    assert complexity(at_one) == [0, 1, 2, 3, 4]
+    for i in whole_rows:  # the one-sentence version keeps its answer's level
+        assert at_one[i + 1]["complexity"] == at_one[i]["complexity"]
+    # The mean of the two readings: 1.5, 1.25, 1.0, 1.55, 2.25.
+    assert complexity(apm_levels(rows, answer_level=["complexity"], answer_at="mean")) == [2, 1, 0, 3, 4]
+    # The rows themselves are not changed, and a whole answer without the version keeps its reading.
+    assert [r["apm_complexity"] for r in rows if r["first_sentences"] is None] == [3.0, 2.0, 1.0, 1.6, 2.5]
+    read = read_answer_level(rows, ["complexity"], 4)
+    assert [r["apm_complexity"] for r in read] == [r["apm_complexity"] for r in rows]
+    with pytest.raises(ValueError, match="answer_level_at 2 needs answer_level"):
+        apm_levels(rows, answer_at=2)
+    with pytest.raises(ValueError, match="answer_level_at 0: a number of sentences"):
+        apm_levels(rows, answer_level=["complexity"], answer_at=0)
 
 
 def test_fixed_attributes_replace_the_sources_values_in_every_row(tok: Any) -> None:

@@ -396,6 +396,23 @@ def test_fixed_cut_points_are_checked_and_an_empty_set_keeps_the_old_run_identit
     }
 
 
+def test_answer_level_at_is_checked_and_whole_keeps_the_old_run_identity(tmp_path):
+    from ray_jobs.train_sft import TRAINING_SPEED_ONLY, identity_settings
+
+    values = {"data": str(tmp_path), "out": str(tmp_path / "sft"), "attribute_source": "apm_quantile"}
+    with pytest.raises(ValueError, match="answer_level_at 2 needs answer_level"):
+        TrainSFTConfig.model_validate(values | {"answer_level_at": 2})
+    registers = values | {"answer_level": ["complexity"]}
+    with pytest.raises(ValueError, match="answer_level_at 0: a number of sentences"):
+        TrainSFTConfig.model_validate(registers | {"answer_level_at": 0})
+    with pytest.raises(ValueError, match="answer_level_at"):
+        TrainSFTConfig.model_validate(registers | {"answer_level_at": "first"})
+    whole = identity_settings(TrainSFTConfig.model_validate(registers), TRAINING_SPEED_ONLY)
+    assert "answer_level_at" not in whole  # runs from before the option keep their identity
+    at_two = TrainSFTConfig.model_validate(registers | {"answer_level_at": 2})
+    assert identity_settings(at_two, TRAINING_SPEED_ONLY)["answer_level_at"] == 2
+
+
 def test_bf16_with_zero_1_accumulates_gradients_in_fp32(tmp_path):
     """ZeRO-1 bf16 asks DeepSpeed for fp32 gradient accumulation, which selects its BF16_Optimizer."""
     config = TrainSFTConfig.model_validate(
