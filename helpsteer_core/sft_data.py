@@ -656,7 +656,8 @@ def apm_levels(
     if problem:
         raise ConfigError(problem)
     quantile_levels(rows, schema)  # raises when no row has a prediction
-    rows = read_answer_level(rows, answer_level, answer_at)
+    if answer_at != "whole":
+        rows = read_answer_level(rows, answer_level, answer_at)
     groups: dict[Any, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row["prompt"] if scope == "prompt" else None, []).append(index)
