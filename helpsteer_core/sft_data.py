@@ -613,11 +613,9 @@ def read_answer_level(
                 values = [float(v[column]) for v in found if _present(v.get(column))]
                 new[column] = float(np.mean(values)) if values else row.get(column)
             else:
-                at_version = [
-                    v for v in found if _present(v.get("first_sentences")) and v["first_sentences"] == at
-                ]
-                if at_version and _present(at_version[0].get(column)):
-                    new[column] = float(at_version[0][column])
+                version = next((v for v in found if v.get("first_sentences") == at), None)
+                if version is not None and _present(version.get(column)):
+                    new[column] = float(version[column])
         read.append(new)
     return read
 
