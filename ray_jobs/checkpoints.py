@@ -12,11 +12,15 @@ its files.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import ray.train
 from ray.train import Checkpoint, CheckpointUploadMode
+
+from helpsteer_core.config import ConfigError
+from ray_jobs.deepspeed_engine import TRAINER_STATE
 
 
 def checkpoint_folder(step: int) -> Path:
@@ -36,3 +40,26 @@ def report_in_place(metrics: dict[str, Any], folder: Path) -> None:
         checkpoint_dir_name=folder.name,
         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
     )
+
+
+def refuse_going_back(run: Path, total: int) -> None:
+    """Refuse a run asked for fewer steps than the checkpoints of the run in `run` (its storage
+    folder) have reached. A training run resumes from its latest checkpoint, and max_steps is not
+    part of its identity (a larger one continues the run), so a smaller one would resume past its
+    end and export the longer-trained model as the shorter one. Read by the driver, before the
+    workers start; the furthest step is the one rank 0 recorded in each checkpoint's trainer state
+    (a half-written checkpoint of a lost step, which Ray Train never registered, has none)."""
+    steps = []
+    for state in Path(run).glob(f"checkpoint_step*/{TRAINER_STATE}"):
+        try:
+            steps.append(int(json.loads(state.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    reached = max(steps, default=0)
+    if reached > total:
+        raise ConfigError(
+            f"max_steps {total}: this identity's run {run} has trained to step {reached} already, and "
+            f"a run resumes from its latest checkpoint, it cannot go back; allowed: max_steps >= "
+            f"{reached}, or restart=true (the pipeline: --force) to train it from step 1 (the old run "
+            "is moved aside, not deleted)"
+        )

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -217,6 +218,25 @@ class WorkerMetrics:
         return False
 
 
+def machine_tags() -> dict[str, str]:
+    """Where a run's timings were measured: the CPU model, the cores this process may use and the
+    GPUs it sees. These describe the machine that opens the run (the driver's); on a cluster the
+    workers' nodes are the cluster YAML's."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        models = [
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = models[0].split(":", 1)[1].strip() if models else cpu
+    except OSError:
+        pass  # not Linux: the platform's own name
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import torch  # every stage has it loaded already
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"machine.cpu": cpu, "machine.cpus": str(cores), "machine.gpus": ", ".join(gpus) or "none"}
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -231,7 +251,9 @@ def stage_run(
         return
     _setup(tracking)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=stage, nested=nested, tags={"stage": stage, **(tags or {})}) as run:
+    with mlflow.start_run(
+        run_name=stage, nested=nested, tags={"stage": stage, **machine_tags(), **(tags or {})}
+    ) as run:
         params = flatten(config.model_dump(mode="json"))
         # MLflow params are strings of bounded length; lists become their JSON text.
         mlflow.log_params({k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()})

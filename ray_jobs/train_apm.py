@@ -11,8 +11,8 @@ steps rank 0 writes a checkpoint (the model as a Hugging Face folder plus optimi
 `ray.train.report` into `storage/<run_name>-<identity>`: the identity hashes what changes the
 weights (settings but the speed-only ones and max_steps/epochs, the training split's and the
 backbone's content). Re-running the same config resumes from the latest checkpoint (a larger
-`max_steps` continues); any other change starts a new run at step 1; `restart=true` starts over,
-moving the old run aside.
+`max_steps` continues, a smaller one than the run has reached is refused); any other change
+starts a new run at step 1; `restart=true` starts over, moving the old run aside.
 Every `eval_every` steps rank 0 scores the validation split. The final model is exported to `out`,
 evaluated (metrics.json, predictions.png) and registered in MLflow as `helpsteer-apm`.
 """
@@ -64,7 +64,7 @@ from helpsteer_core.outputs import (
     training_run,
 )
 from helpsteer_core.readers import parquet_files, read_parquet_rows
-from ray_jobs.checkpoints import checkpoint_folder, report_in_place
+from ray_jobs.checkpoints import checkpoint_folder, refuse_going_back, report_in_place
 from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
@@ -439,6 +439,8 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
     resolved = resolved.model_copy(
         update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
     )
+    if config.max_steps is not None:  # by epochs the step count is known once the workers tokenize
+        refuse_going_back(storage / resolved.run_name, config.max_steps)
     ensure_ray()
     with stage_run("train_apm", resolved, config.tracking, SCHEMA) as tracked:
         result = fit_trainer(

@@ -20,13 +20,13 @@ Every `checkpoint_every` steps every rank writes its shards with DeepSpeed's own
 `save_checkpoint`, and all of them go into one Ray Train checkpoint through `ray.train.report`.
 The run lives in `storage/<run_name>-<identity>`, the identity hashing what changes the weights
 (settings but the speed-only ones and max_steps/epochs, the data's and the generator's content):
-re-running the same config resumes from the latest checkpoint (a larger `max_steps` continues),
-any other change starts a new run at step 1, and `restart=true` starts over, moving the old run
-aside. `FailureConfig(max_failures)` restarts a lost worker group from the latest checkpoint.
-The last checkpoint also holds the model exported as a Hugging Face folder (consolidated weights
-in `export_dtype`, tokenizer, attribute schema, config); the stage copies it to `out` and
-registers it in MLflow as `helpsteer-generator`. Loss, learning rate, gradient norm and tokens/s
-go to MLflow from rank 0.
+re-running the same config resumes from the latest checkpoint (a larger `max_steps` continues, a
+smaller one than the run has reached is refused), any other change starts a new run at step 1,
+and `restart=true` starts over, moving the old run aside. `FailureConfig(max_failures)` restarts
+a lost worker group from the latest checkpoint. The last checkpoint also holds the model exported
+as a Hugging Face folder (consolidated weights in `export_dtype`, tokenizer, attribute schema,
+config); the stage copies it to `out` and registers it in MLflow as `helpsteer-generator`. Loss,
+learning rate, gradient norm and tokens/s go to MLflow from rank 0.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ from helpsteer_core.sft_data import (
     trained_mask,
     trained_token_count,
 )
-from ray_jobs.checkpoints import checkpoint_folder, report_in_place
+from ray_jobs.checkpoints import checkpoint_folder, refuse_going_back, report_in_place
 from ray_jobs.console import eta
 from ray_jobs.deepspeed_engine import (
     DEEPSPEED_FOLDER,
@@ -703,6 +703,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     resolved = resolved.model_copy(
         update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
     )
+    refuse_going_back(storage / resolved.run_name, total)
     with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
         tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
         result = fit_trainer(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from shared_data import shared_file
 
 from helpsteer_core.synthetic import write_synthetic
@@ -200,6 +202,12 @@ def test_stage_run_is_recorded_in_mlflow(ray_head, tmp_path):
     assert mlrun.data.metrics["input_rows"] == 100 == stats["total"]["input_rows"]
     assert mlrun.data.params["data"] == str(data)
     assert mlrun.data.tags["attribute_schema"] == "steerlm-v1"
+    # The machine its timings come from (docs/results.md compares runs across machines).
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert f"model name\t: {mlrun.data.tags['machine.cpu']}" in cpuinfo
+    assert mlrun.data.tags["machine.cpus"] == str(len(os.sched_getaffinity(0)))
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    assert mlrun.data.tags["machine.gpus"] == (", ".join(gpus) or "none")
     assert mlrun.info.status == "FINISHED"
     assert (runs / "mlflow.db").is_file()
 

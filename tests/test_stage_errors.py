@@ -5,6 +5,10 @@ a bug, a plain ValueError included, must not be disguised as one."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,26 @@ def test_user_mistakes_that_were_plain_value_errors_are_user_errors(tmp_path: Pa
     bad.write_text("not json\n")
     with pytest.raises(STAGE_ERRORS, match=r"prompts.jsonl:1: not JSON"):
         read_prompt_file(bad)
+
+
+def test_a_local_ray_cluster_that_refuses_a_stage_is_named_with_the_way_out(ray_head):
+    """A stage started beside another Ray session on this machine (here the suite's token-auth
+    head, which Ray records in /tmp/ray) joins that cluster, as Ray does. When the cluster refuses
+    it, the error names the cluster and RAY_ADDRESS=local, which gives the stage an instance of
+    its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    code = "from ray_jobs.runtime import ensure_ray; ensure_ray(); print('ray is up')"
+    repo = Path(__file__).resolve().parents[1]
+
+    def start(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", code]
+        return subprocess.run(command, env=env | extra, cwd=repo, capture_output=True, text=True, timeout=300)
+
+    refused = start({})
+    assert refused.returncode != 0
+    port = ray_head.gcs_address.rpartition(":")[2]  # Ray records the head by the node's address
+    assert re.search(rf"could not join the local Ray cluster at \S+:{port} ", refused.stderr)
+    assert "set RAY_ADDRESS=local" in refused.stderr
+    alone = start({"RAY_ADDRESS": "local"})
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "ray is up" in alone.stdout

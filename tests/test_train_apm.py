@@ -72,6 +72,12 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained_apm, 
         m.step for m in mlflow.MlflowClient(tracking.uri()).get_metric_history(mlrun.info.run_id, "loss")
     ]
     assert steps == [7, 8, 9]  # steps 1-6 came from the first run's checkpoint
+    # Fewer steps than the run has reached: refused before any worker starts, not the step-9
+    # model exported as a 3-step one (max_steps is not part of the identity).
+    short = tmp_path / "apm-short"
+    with pytest.raises(ValueError, match=r"max_steps 3: .* has trained to step 9 already.*max_steps >= 9"):
+        run(config.model_copy(update={"max_steps": 3, "out": str(short)}))
+    assert not short.exists()
 
 
 def test_a_changed_lr_under_the_same_name_trains_a_new_run_from_step_1(trained_apm, tiny_backbone, tmp_path):

@@ -121,6 +121,17 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(zero3_run):
     assert sorted(_history(Path(config.tracking.runs_dir), "loss")) == [9, 10]
 
 
+def test_fewer_steps_than_the_run_has_trained_is_refused_not_the_longer_model_exported(zero3_run):
+    """max_steps is not in the identity (a larger one continues); a smaller one would resume past
+    its end and export the step-10 model as a 4-step one. It is refused, naming both steps."""
+    config, _ = zero3_run
+    out = Path(config.out)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"max_steps 4: .* has trained to step 10 already.*max_steps >= 10"):
+        run(config.model_copy(update={"max_steps": 4}))
+    assert (out / "model.safetensors").read_bytes() == before  # restart=true: tests/test_fingerprints.py
+
+
 def test_a_changed_lr_into_the_same_runs_folder_trains_from_step_1_and_exports_other_weights(zero3_run):
     """`helpsteer train-sft` again with the same out, storage and run_name but another lr: a new
     run under its own identity, from step 1, not the finished run re-exported."""
