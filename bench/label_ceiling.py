@@ -12,7 +12,8 @@ at the requested level, and the figure is the evaluation's own
 words (verbosity) or the Flesch-Kincaid grade (complexity), averaged over `--draws` draws. A
 trained model does not do better than the rows it learns from, so a labelling under the bar here
 cannot pass it after training. Also printed: the measure's mean per level and which answer styles
-make up each level.
+make up each level, and first, the bound no labelling of these rows can beat: levels that were the
+answers' styles themselves, in register order (`STYLE_ORDERS`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,15 @@ def register_imitator(
             if r.get("first_sentences") is None and level.get("complexity") == k
         )
         modal[k] = styles.most_common(1)[0][0]
+    rho = style_sweep_rho(rows, measured, modal)
+    return f"register imitator ({', '.join(f'{k}: {s}' for k, s in modal.items())}): rho {rho:.2f}"
+
+
+def style_sweep_rho(
+    rows: Sequence[Mapping[str, Any]], measured: Sequence[Mapping[str, float]], styles: Mapping[int, str]
+) -> float:
+    """Spearman's rho within prompt of a complexity sweep that answers each training prompt at
+    level k with its `styles[k]` answer at two sentences (the whole answer when it is shorter)."""
     at_two: dict[tuple[str, str], int] = {}
     for index, row in enumerate(rows):
         key = (row["prompt"], row["style"])
@@ -114,11 +124,19 @@ def register_imitator(
             "fk_grade": measured[at_two[(prompt, style)]]["fk_grade"],
         }
         for p, prompt in enumerate(prompts)
-        for k, style in modal.items()
+        for k, style in styles.items()
         if (prompt, style) in at_two
     ]
-    rho = steerability(sweep, "complexity", "fk_grade")["within_prompt"]
-    return f"register imitator ({', '.join(f'{k}: {s}' for k, s in modal.items())}): rho {rho:.2f}"
+    return float(steerability(sweep, "complexity", "fk_grade")["within_prompt"])
+
+
+# Labels that were the answers' styles themselves, in register order (what no APM labelling of
+# these rows can beat): the bound for a model that learnt its rows perfectly.
+STYLE_ORDERS = (
+    ("child_example", "simple_example", "plain", "technical_example", "specialist_example"),
+    ("child_example", "simple_example", "brief", "technical_example", "specialist_example"),
+    ("child_example", "simple_example", "one_sentence", "technical_example", "specialist_example"),
+)
 
 
 def main() -> None:
@@ -130,6 +148,12 @@ def main() -> None:
     rows = read_parquet_rows(args.rows)
     measured = [measure(r["response"]) for r in rows]
     print(f"{len(rows)} rows, {len({r['prompt'] for r in rows})} prompts, from {args.rows}\n")
+    present = {r.get("style") for r in rows}
+    for order in STYLE_ORDERS:
+        if set(order) <= present:
+            rho = style_sweep_rho(rows, measured, dict(enumerate(order)))
+            print(f"styles as levels ({', '.join(order)}): complexity rho {rho:.2f}")
+    print()
     for name, scheme in SCHEMES.items():
         levels = apm_levels(
             rows, STEERLM, scheme["scope"], scheme["answer_level"], answer_at=scheme.get("at", "whole")
