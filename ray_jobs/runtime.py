@@ -42,18 +42,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     given = os.environ.get("RAY_ADDRESS")
     address = given or _live_local_cluster()
-    if address and not given:
+    if address:
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as error:  # auth, version mismatch, a head going away: Ray's own types
+            if given:
+                raise
             raise RuntimeError(
                 f"ray: could not join the local Ray cluster at {address} (found through Ray's record "
                 f"in /tmp/ray, no RAY_ADDRESS set): {error}. To run in a Ray instance of this "
                 "process's own, set RAY_ADDRESS=local; to use that cluster, give what it needs "
                 "(e.g. RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH for token auth)"
             ) from error
-    elif address:
-        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     resources = ray.cluster_resources()

@@ -12,11 +12,13 @@ and, if the server stays away, dropped with a warning: a logging failure never s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -218,10 +220,13 @@ class WorkerMetrics:
         return False
 
 
+@functools.cache
 def machine_tags() -> dict[str, str]:
     """Where a run's timings were measured: the CPU model, the cores this process may use and the
     GPUs it sees. These describe the machine that opens the run (the driver's); on a cluster the
-    workers' nodes are the cluster YAML's."""
+    workers' nodes are the cluster YAML's. Read once a process. The GPUs' names come from
+    nvidia-smi, not torch: naming a device through torch opens a CUDA context (GPU memory) in a
+    driver that otherwise never touches the GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         models = [
@@ -233,8 +238,16 @@ def machine_tags() -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import torch  # every stage has it loaded already
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"machine.cpu": cpu, "machine.cpus": str(cores), "machine.gpus": ", ".join(gpus) or "none"}
+    count = torch.cuda.device_count()  # through NVML where it can: no CUDA context
+    gpus = "none"
+    if count:
+        try:
+            smi = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+            names = subprocess.run(smi, capture_output=True, text=True, timeout=30, check=True).stdout
+            gpus = ", ".join(names.split("\n")[:count]).strip(", ") or f"{count} CUDA devices"
+        except (OSError, subprocess.SubprocessError):
+            gpus = f"{count} CUDA devices"
+    return {"machine.cpu": cpu, "machine.cpus": str(cores), "machine.gpus": gpus}
 
 
 @contextmanager
