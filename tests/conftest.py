@@ -65,9 +65,23 @@ def ray_head() -> Iterator[RayHead]:
     """A `ray start --head` cluster with token auth, and this process connected to it."""
     import ray
 
-    port, dash_port = _free_port(), _free_port()
     # The head's workers and job drivers must run this venv's Python.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with ray_start_head(env) as (gcs, dashboard):
+        try:
+            os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
+            ray.init(address=gcs, log_to_driver=False)
+            yield RayHead(gcs, dashboard, {**env, "RAY_ADDRESS": dashboard})
+        finally:
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
+
+
+@contextmanager
+def ray_start_head(env: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """`ray start --head` with `env` (two CPUs, a dashboard, every port free): its GCS address and
+    dashboard URL while inside; stopped on the way out."""
+    port, dash_port = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     # --block keeps the head in the foreground of this one process, so stopping it stops only
     # this cluster (`ray stop` would kill every Ray process on the machine).
@@ -96,16 +110,11 @@ def ray_head() -> Iterator[RayHead]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    gcs = f"127.0.0.1:{port}"
     dashboard = f"http://127.0.0.1:{dash_port}"
     try:
         _wait_for_dashboard(dashboard, head)
-        os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
-        ray.init(address=gcs, log_to_driver=False)
-        yield RayHead(gcs, dashboard, {**env, "RAY_ADDRESS": dashboard})
+        yield f"127.0.0.1:{port}", dashboard
     finally:
-        ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
         head.terminate()
         try:
             head.wait(timeout=60)

@@ -6,12 +6,15 @@ a bug, a plain ValueError included, must not be disguised as one."""
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_start_head
 
 from helpsteer_core.config import ConfigError, StrictModel
 from helpsteer_core.readers import SourceError
@@ -60,24 +63,40 @@ def test_user_mistakes_that_were_plain_value_errors_are_user_errors(tmp_path: Pa
         read_prompt_file(bad)
 
 
-def test_a_local_ray_cluster_that_refuses_a_stage_is_named_with_the_way_out(ray_head):
-    """A stage started beside another Ray session on this machine (here the suite's token-auth
-    head, which Ray records in /tmp/ray) joins that cluster, as Ray does. When the cluster refuses
-    it, the error names the cluster and RAY_ADDRESS=local, which gives the stage an instance of
-    its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+def test_a_local_ray_cluster_that_refuses_a_stage_is_named_with_the_way_out():
+    """A stage started beside another Ray session on this machine (here a token-auth head, which
+    Ray records in its temp folder) joins that cluster, as Ray does. When the cluster refuses it,
+    the error names the cluster and RAY_ADDRESS=local, which gives the stage an instance of its
+    own. The head records itself in a temp folder of this test's (RAY_TMPDIR), so no other Ray
+    started or stopped on this machine changes what the stage finds."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp"))  # short: Ray's socket paths
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(ray_tmp), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    stage_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     code = "from ray_jobs.runtime import ensure_ray; ensure_ray(); print('ray is up')"
     repo = Path(__file__).resolve().parents[1]
 
     def start(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-c", code]
-        return subprocess.run(command, env=env | extra, cwd=repo, capture_output=True, text=True, timeout=300)
+        given = stage_env | extra
+        return subprocess.run(command, env=given, cwd=repo, capture_output=True, text=True, timeout=300)
 
-    refused = start({})
-    assert refused.returncode != 0
-    port = ray_head.gcs_address.rpartition(":")[2]  # Ray records the head by the node's address
-    assert re.search(rf"could not join the local Ray cluster at \S+:{port} ", refused.stderr)
-    assert "set RAY_ADDRESS=local" in refused.stderr
-    alone = start({"RAY_ADDRESS": "local"})
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    assert "ray is up" in alone.stdout
+    try:
+        with ray_start_head(env) as (gcs, _):
+            record = ray_tmp / "ray" / "ray_current_cluster"
+            for _ in range(60):  # `ray start` records the head once its dashboard is up
+                if record.is_file():
+                    break
+                time.sleep(1)
+            recorded = record.read_text().strip()  # Ray records the head by the machine's address
+            assert recorded.rpartition(":")[2] == gcs.rpartition(":")[2]
+            refused = start({})
+            assert refused.returncode != 0, refused.stderr[-2000:]
+            assert f"could not join the local Ray cluster at {recorded} " in refused.stderr
+            assert "set RAY_ADDRESS=local" in refused.stderr
+            alone = start({"RAY_ADDRESS": "local"})
+            assert alone.returncode == 0, alone.stderr[-2000:]
+            assert "ray is up" in alone.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
