@@ -44,9 +44,17 @@ def epoch_batches(epoch: int, lengths: Sequence[int], width: int, seed: int, poo
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def batches_per_epoch(rows: int, width: int, pool: int) -> int:
+    """How many batches `epoch_batches` cuts from `rows` rows: the same every epoch, whatever the
+    rows' lengths, so a driver can count a run's steps without tokenizing."""
+    if width < 1 or pool < 1:
+        raise ValueError(f"batch width {width}, pool {pool}; both must be at least 1")
+    return sum(min(width * pool, rows - start) // width for start in range(0, rows - width + 1, width * pool))
+
+
 def deal(batch: Sequence[int], lengths: Sequence[int], rank: int, world: int) -> list[int]:
     """This rank's rows of a global batch, dealt round-robin by length so every rank pads alike."""
     return sorted(batch, key=lambda i: lengths[i])[rank::world]
 
 
-__all__ = ["deal", "epoch_batches"]
+__all__ = ["batches_per_epoch", "deal", "epoch_batches"]

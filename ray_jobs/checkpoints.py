@@ -42,13 +42,14 @@ def report_in_place(metrics: dict[str, Any], folder: Path) -> None:
     )
 
 
-def refuse_going_back(run: Path, total: int) -> None:
+def refuse_going_back(run: Path, total: int, epochs: float | None = None) -> None:
     """Refuse a run asked for fewer steps than the checkpoints of the run in `run` (its storage
     folder) have reached. A training run resumes from its latest checkpoint, and max_steps is not
     part of its identity (a larger one continues the run), so a smaller one would resume past its
     end and export the longer-trained model as the shorter one. Read by the driver, before the
     workers start; the furthest step is the one rank 0 recorded in each checkpoint's trainer state
-    (a half-written checkpoint of a lost step, which Ray Train never registered, has none)."""
+    (a half-written checkpoint of a lost step, which Ray Train never registered, has none).
+    `epochs`: what the run was asked for when it was not max_steps (`total` counts its steps)."""
     steps = []
     for state in Path(run).glob(f"checkpoint_step*/{TRAINER_STATE}"):
         try:
@@ -57,9 +58,11 @@ def refuse_going_back(run: Path, total: int) -> None:
             continue
     reached = max(steps, default=0)
     if reached > total:
+        steps = f"{total} step{'s' * (total != 1)}"
+        asked = f"max_steps {total}" if epochs is None else f"epochs {epochs:g} ({steps})"
         raise ConfigError(
-            f"max_steps {total}: this identity's run {run} has trained to step {reached} already, and "
-            f"a run resumes from its latest checkpoint, it cannot go back; allowed: max_steps >= "
-            f"{reached}, or restart=true (the pipeline: --force) to train it from step 1 (the old run "
-            "is moved aside, not deleted)"
+            f"{asked}: this identity's run {run} has trained to step {reached} already, and a run "
+            f"resumes from its latest checkpoint, it cannot go back; allowed: max_steps >= {reached} "
+            "(or epochs that reach it), or restart=true (the pipeline: --force) to train it from "
+            "step 1 (the old run is moved aside, not deleted)"
         )

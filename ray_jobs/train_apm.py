@@ -11,8 +11,9 @@ steps rank 0 writes a checkpoint (the model as a Hugging Face folder plus optimi
 `ray.train.report` into `storage/<run_name>-<identity>`: the identity hashes what changes the
 weights (settings but the speed-only ones and max_steps/epochs, the training split's and the
 backbone's content). Re-running the same config resumes from the latest checkpoint (a larger
-`max_steps` continues, a smaller one than the run has reached is refused); any other change
-starts a new run at step 1; `restart=true` starts over, moving the old run aside.
+`max_steps` continues; fewer steps than the run has reached, by max_steps or epochs, are
+refused); any other change starts a new run at step 1; `restart=true` starts over, moving the old
+run aside.
 Every `eval_every` steps rank 0 scores the validation split. The final model is exported to `out`,
 evaluated (metrics.json, predictions.png) and registered in MLflow as `helpsteer-apm`.
 """
@@ -49,7 +50,7 @@ from helpsteer_core.apm import (
     targets_from_rows,
 )
 from helpsteer_core.attributes import STEERLM
-from helpsteer_core.batching import deal, epoch_batches
+from helpsteer_core.batching import batches_per_epoch, deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import SOURCE_COLUMN, rows_of_sources
 from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings
@@ -155,11 +156,14 @@ def run_identity(config: TrainAPMConfig) -> dict[str, Any]:
     }
 
 
-def _steps(config: TrainAPMConfig, lengths: list[int], world: int) -> tuple[int, int]:
-    per_epoch = len(epoch_batches(0, lengths, config.batch_size * world, config.seed, config.length_pool))
+def _steps(config: TrainAPMConfig, rows: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `rows` training rows: the driver counts them before the
+    workers start, and every worker the same way."""
+    world = config.num_workers
+    per_epoch = batches_per_epoch(rows, config.batch_size * world, config.length_pool)
     if per_epoch == 0:
         raise ConfigError(
-            f"{len(lengths)} training rows do not fill one step of {config.batch_size} rows x {world} workers"
+            f"{rows} training rows do not fill one step of {config.batch_size} rows x {world} workers"
         )
     total = config.max_steps or math.ceil(config.epochs * per_epoch)
     return per_epoch, total
@@ -312,7 +316,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "targets": val_targets,
         "mask": val_mask,
     }
-    per_epoch, total = _steps(config, lengths, world)
+    per_epoch, total = _steps(config, len(lengths))
     training = (_DeepSpeedTraining if config.deepspeed else _DDPTraining)(config, rank, total)
     start_step, model = training.start_step, training.model
     if rank == 0:
@@ -432,15 +436,18 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
     staging = prepare_output(out, "train_apm")  # a folder this stage did not write is refused now
     for split in SPLITS:
         parquet_files(data / split, "the filter stage")  # fail before Ray starts if the data is missing
-        if config.sources is not None:
-            _split_rows(data, split, config.sources)  # a source named but absent: fail before Ray starts
+    # The rows the workers train on, read here first: a source named but absent, or too few rows
+    # for one step, fails before Ray starts, and the run's steps are counted before it resumes.
+    train_rows = _split_rows(data, "train", config.sources)
+    if config.sources is not None:
+        _split_rows(data, "validation", config.sources)
+    total = _steps(config, len(train_rows))[1]
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     resolved = resolved.model_copy(
         update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
     )
-    if config.max_steps is not None:  # by epochs the step count is known once the workers tokenize
-        refuse_going_back(storage / resolved.run_name, config.max_steps)
+    refuse_going_back(storage / resolved.run_name, total, None if config.max_steps else config.epochs)
     ensure_ray()
     with stage_run("train_apm", resolved, config.tracking, SCHEMA) as tracked:
         result = fit_trainer(
@@ -462,7 +469,6 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
                     folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE)
                 )
         (staging / "train_config.yaml").write_text(dump_config(resolved))
-        train_rows = _split_rows(data, "train", config.sources)  # the attributes it was trained on
         train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
         save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
         report = run_as_task(

@@ -20,13 +20,14 @@ Every `checkpoint_every` steps every rank writes its shards with DeepSpeed's own
 `save_checkpoint`, and all of them go into one Ray Train checkpoint through `ray.train.report`.
 The run lives in `storage/<run_name>-<identity>`, the identity hashing what changes the weights
 (settings but the speed-only ones and max_steps/epochs, the data's and the generator's content):
-re-running the same config resumes from the latest checkpoint (a larger `max_steps` continues, a
-smaller one than the run has reached is refused), any other change starts a new run at step 1,
-and `restart=true` starts over, moving the old run aside. `FailureConfig(max_failures)` restarts
-a lost worker group from the latest checkpoint. The last checkpoint also holds the model exported
-as a Hugging Face folder (consolidated weights in `export_dtype`, tokenizer, attribute schema,
-config); the stage copies it to `out` and registers it in MLflow as `helpsteer-generator`. Loss,
-learning rate, gradient norm and tokens/s go to MLflow from rank 0.
+re-running the same config resumes from the latest checkpoint (a larger `max_steps` continues;
+fewer steps than the run has reached, by max_steps or epochs, are refused), any other change
+starts a new run at step 1, and `restart=true` starts over, moving the old run aside.
+`FailureConfig(max_failures)` restarts a lost worker group from the latest checkpoint. The last
+checkpoint also holds the model exported as a Hugging Face folder (consolidated weights in
+`export_dtype`, tokenizer, attribute schema, config); the stage copies it to `out` and registers
+it in MLflow as `helpsteer-generator`. Loss, learning rate, gradient norm and tokens/s go to
+MLflow from rank 0.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import yaml
 from pydantic import Field
 
 from helpsteer_core.attributes import LEVELS_FILE, STEERLM, cut_points_problem
-from helpsteer_core.batching import deal, epoch_batches
+from helpsteer_core.batching import batches_per_epoch, deal, epoch_batches
 from helpsteer_core.config import ConfigError, StrictModel, dump_config, resolve_path
 from helpsteer_core.conversation_sources import SOURCE_COLUMN
 from helpsteer_core.fingerprints import folder_digest, model_fingerprint, result_settings, without_off
@@ -385,7 +386,7 @@ def build_examples(
 def plan(config: TrainSFTConfig, lengths: Sequence[int]) -> tuple[int, int, int]:
     """(rows per global batch, steps per epoch, total steps)."""
     width = config.micro_batch_size * config.accumulation_steps * config.num_workers
-    per_epoch = len(epoch_batches(0, lengths, width, config.seed, config.length_pool))
+    per_epoch = batches_per_epoch(len(lengths), width, config.length_pool)
     if per_epoch == 0:
         raise ConfigError(
             f"{len(lengths)} training examples do not fill one global batch of {width} rows "
@@ -703,7 +704,7 @@ def run(config: TrainSFTConfig) -> dict[str, Any]:
     resolved = resolved.model_copy(
         update={"run_name": training_run(storage, config.run_name, run_identity(resolved), config.restart)}
     )
-    refuse_going_back(storage / resolved.run_name, total)
+    refuse_going_back(storage / resolved.run_name, total, None if config.max_steps else config.epochs)
     with stage_run("train_sft", resolved, config.tracking, SCHEMA) as tracked:
         tracked.log_metrics({"data": vars(stats), "steps": total, "global_batch_rows": width})
         result = fit_trainer(

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from helpsteer_core.batching import deal, epoch_batches
+from helpsteer_core.batching import batches_per_epoch, deal, epoch_batches
 
 
 def _lengths(n: int, seed: int = 0) -> list[int]:
@@ -74,8 +74,22 @@ def test_deal_splits_a_batch_across_ranks_without_overlap() -> None:
     assert sorted(shares[0] + shares[1]) == sorted(batch) and all(len(s) == 4 for s in shares)
 
 
+def test_the_count_of_batches_is_known_from_the_number_of_rows_alone() -> None:
+    """A driver counts a run's steps before any worker tokenizes: the count must be the one the
+    workers cut, whatever the rows' lengths, epoch or seed."""
+    rng = random.Random(5)
+    for rows in (0, 1, 7, 8, 9, 63, 64, 65, 200, 1003):
+        for width in (1, 3, 8, 16):
+            for pool in (1, 4, 50):
+                lengths = [rng.randint(1, 500) for _ in range(rows)]
+                cut = {len(epoch_batches(e, lengths, width, seed, pool)) for e in (0, 3) for seed in (0, 9)}
+                assert cut == {batches_per_epoch(rows, width, pool)}, (rows, width, pool)
+
+
 def test_width_must_be_positive() -> None:
     with pytest.raises(ValueError, match="width"):
         epoch_batches(0, [1, 2, 3], 0, 0, pool=1)
     with pytest.raises(ValueError, match="pool"):
         epoch_batches(0, [1, 2, 3], 1, 0, pool=0)
+    with pytest.raises(ValueError, match="width"):
+        batches_per_epoch(3, 0, pool=1)

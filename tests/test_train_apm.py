@@ -78,6 +78,11 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained_apm, 
     with pytest.raises(ValueError, match=r"max_steps 3: .* has trained to step 9 already.*max_steps >= 9"):
         run(config.model_copy(update={"max_steps": 3, "out": str(short)}))
     assert not short.exists()
+    # By epochs as well: the driver counts the steps from the training rows, so a run asked for
+    # fewer epochs than its checkpoints reached is refused the same way.
+    with pytest.raises(ValueError, match=r"epochs 0.05 \(\d+ steps?\): .* has trained to step 9 already"):
+        run(config.model_copy(update={"max_steps": None, "epochs": 0.05, "out": str(short)}))
+    assert not short.exists()
 
 
 def test_a_changed_lr_under_the_same_name_trains_a_new_run_from_step_1(trained_apm, tiny_backbone, tmp_path):
