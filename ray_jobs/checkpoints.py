@@ -58,8 +58,8 @@ def refuse_going_back(run: Path, total: int, epochs: float | None = None) -> Non
             continue
     reached = max(steps, default=0)
     if reached > total:
-        steps = f"{total} step{'s' * (total != 1)}"
-        asked = f"max_steps {total}" if epochs is None else f"epochs {epochs:g} ({steps})"
+        counted = f"{total} step{'s' * (total != 1)}"
+        asked = f"max_steps {total}" if epochs is None else f"epochs {epochs:g} ({counted})"
         raise ConfigError(
             f"{asked}: this identity's run {run} has trained to step {reached} already, and a run "
             f"resumes from its latest checkpoint, it cannot go back; allowed: max_steps >= {reached} "

@@ -442,6 +442,9 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
     if config.sources is not None:
         _split_rows(data, "validation", config.sources)
     total = _steps(config, len(train_rows))[1]
+    labelled = targets_from_rows(train_rows, SCHEMA)[1].any(dim=0)  # the attributes it trains on
+    trained = [name for name, seen in zip(SCHEMA.names, labelled.tolist(), strict=True) if seen]
+    del train_rows  # the workers read their own; the driver keeps the count and the attributes
     storage = resolve_path(config.storage)
     resolved = config.model_copy(update={"data": str(data), "out": str(out), "storage": str(storage)})
     resolved = resolved.model_copy(
@@ -469,8 +472,7 @@ def run(config: TrainAPMConfig) -> dict[str, Any]:
                     folder, staging, ignore=shutil.ignore_patterns(OPTIMIZER_STATE, TRAINER_STATE)
                 )
         (staging / "train_config.yaml").write_text(dump_config(resolved))
-        train_mask = targets_from_rows(train_rows, SCHEMA)[1]  # (rows, n_attr)
-        save_trained_attributes(staging, [n for j, n in enumerate(SCHEMA.names) if train_mask[:, j].any()])
+        save_trained_attributes(staging, trained)
         report = run_as_task(
             evaluate_apm,
             staging,

@@ -65,8 +65,7 @@ def ray_head() -> Iterator[RayHead]:
     """A `ray start --head` cluster with token auth, and this process connected to it."""
     import ray
 
-    # The head's workers and job drivers must run this venv's Python.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = with_venv_path(dict(os.environ))
     with ray_start_head(env) as (gcs, dashboard):
         try:
             os.environ["RAY_ADDRESS"] = gcs  # stages call ensure_ray(), which joins this cluster
@@ -75,6 +74,11 @@ def ray_head() -> Iterator[RayHead]:
         finally:
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS", None)
+
+
+def with_venv_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this venv's bin first on PATH: a head's workers and job drivers run its Python."""
+    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
 
 
 @contextmanager
@@ -105,7 +109,7 @@ def ray_start_head(env: dict[str, str]) -> Iterator[tuple[str, str]]:
             f"--metrics-export-port={_free_port()}",
             "--disable-usage-stats",
         ],
-        env=env,
+        env=with_venv_path(env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

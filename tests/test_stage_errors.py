@@ -70,9 +70,7 @@ def test_a_local_ray_cluster_that_refuses_a_stage_is_named_with_the_way_out():
     own. The head records itself in a temp folder of this test's (RAY_TMPDIR), so no other Ray
     started or stopped on this machine changes what the stage finds."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp"))  # short: Ray's socket paths
-    bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": str(ray_tmp), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
     stage_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     code = "from ray_jobs.runtime import ensure_ray; ensure_ray(); print('ray is up')"
     repo = Path(__file__).resolve().parents[1]
